@@ -1,0 +1,149 @@
+"""Configuration: one `Config` built from, in increasing priority, `./.env`, the environment, CLI flags.
+
+Every variable of the contract is read here and nowhere else. Validation (sizes, durations,
+choices) happens at load time, so a bad value exits 2 before any network call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+
+from s3fsimg.errors import ConfigError
+from s3fsimg.units import parse_duration, parse_size
+
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MANIFEST_KEY = "manifests/inventory-v1.jsonl"
+
+#: variable -> (Config field, default). Flags use the field name.
+VARIABLES: dict[str, tuple[str, str | None]] = {
+    "S3_BUCKET": ("bucket", None),
+    "S3_ENDPOINT_URL": ("endpoint_url", None),
+    "S3_ADDRESSING_STYLE": ("addressing_style", "auto"),
+    "S3_ANONYMOUS": ("anonymous", "0"),
+    "DATASET_PREFIX": ("prefix", ""),
+    "DATASET_MANIFEST_KEY": ("manifest_key", DEFAULT_MANIFEST_KEY),
+    "DATASET_CACHE_DIR": ("cache_dir", "/tmp/imgcache"),
+    "DATASET_CACHE_MAX_BYTES": ("cache_max_bytes", "10G"),
+    "DATASET_LOGICAL_MAP": ("logical_map", None),
+    "DATASET_READ_DEADLINE": ("read_deadline", "30s"),
+    "DATASET_LOG_LEVEL": ("log_level", "warning"),
+    # Tuning knobs beyond the contract (defaults chosen by bench/bench_cache.py).
+    "DATASET_BLOCK_SIZE": ("block_size", "256K"),
+    "DATASET_WHOLE_OBJECT_MAX": ("whole_object_max", "1M"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Config:
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: str = "auto"
+    anonymous: bool = False
+    prefix: str = ""
+    manifest_key: str = DEFAULT_MANIFEST_KEY
+    cache_dir: Path = Path("/tmp/imgcache")
+    cache_max_bytes: int = 10 << 30
+    logical_map: Path | None = None
+    read_deadline: float = 30.0
+    log_level: str = "warning"
+    block_size: int = 256 << 10
+    whole_object_max: int = 1 << 20
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
+             dotenv: Path | None = None) -> Config:
+        """Build the configuration: `.env` (in the working directory) < environment < `flags`.
+
+        `flags` maps Config field names to values; None means "not given".
+        """
+        if env is None:
+            env_path = dotenv if dotenv is not None else Path.cwd() / ".env"
+            if env_path.is_file():
+                # Does not override the environment; also feeds boto3 (AWS_* in .env).
+                load_dotenv(env_path, override=False)
+            env = os.environ
+        raw: dict[str, Any] = {}
+        for var, (name, default) in VARIABLES.items():
+            value = env.get(var)
+            raw[name] = (value, var) if value is not None else (default, var)
+        for name, value in (flags or {}).items():
+            if value is not None:
+                raw[name] = (value, "--" + name.replace("_", "-"))
+        return cls._parse(raw)
+
+    @classmethod
+    def _parse(cls, raw: Mapping[str, tuple[Any, str]]) -> Config:
+        def get(name: str) -> Any:
+            return raw[name][0]
+
+        def src(name: str) -> str:
+            return raw[name][1]
+
+        style = str(get("addressing_style")).lower()
+        if style not in ADDRESSING_STYLES:
+            raise ConfigError(f"{src('addressing_style')}: {style!r} is not one of {', '.join(ADDRESSING_STYLES)}")
+        level = str(get("log_level")).lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"{src('log_level')}: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+        anonymous = get("anonymous")
+        if not isinstance(anonymous, bool):
+            text = str(anonymous).strip().lower()
+            if text not in _TRUE | _FALSE:
+                raise ConfigError(f"{src('anonymous')}: {anonymous!r} is not a boolean (use 1 or 0)")
+            anonymous = text in _TRUE
+        prefix = str(get("prefix") or "").strip("/")
+        manifest_key = str(get("manifest_key") or DEFAULT_MANIFEST_KEY).lstrip("/")
+        bucket = get("bucket") or None
+        endpoint = get("endpoint_url") or None
+        if endpoint is not None and not str(endpoint).startswith(("http://", "https://")):
+            raise ConfigError(f"{src('endpoint_url')}: {endpoint!r} is not an http:// or https:// URL")
+        block_size = parse_size(get("block_size"), src("block_size"))
+        if block_size < 4096 or block_size & (block_size - 1):
+            raise ConfigError(f"{src('block_size')}: must be a power of two of at least 4K")
+        logical_map = get("logical_map")
+        return cls(
+            bucket=bucket,
+            endpoint_url=endpoint,
+            addressing_style=style,
+            anonymous=anonymous,
+            prefix=prefix,
+            manifest_key=manifest_key,
+            cache_dir=Path(get("cache_dir")).expanduser(),
+            cache_max_bytes=parse_size(get("cache_max_bytes"), src("cache_max_bytes")),
+            logical_map=Path(logical_map).expanduser() if logical_map else None,
+            read_deadline=parse_duration(get("read_deadline"), src("read_deadline")),
+            log_level=level,
+            block_size=block_size,
+            whole_object_max=parse_size(get("whole_object_max"), src("whole_object_max")),
+        )
+
+    def with_(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    def require_bucket(self) -> str:
+        if not self.bucket:
+            raise ConfigError("no bucket: set S3_BUCKET (in the environment or .env) or pass --bucket")
+        return self.bucket
+
+    def key(self, relative: str) -> str:
+        """The S3 key of `relative` (a manifest path or the manifest key) under the prefix."""
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    @property
+    def manifest_s3_key(self) -> str:
+        return self.key(self.manifest_key)
+
+    def where(self, relative: str = "") -> str:
+        """`s3://bucket/key` for messages (never contains credentials)."""
+        return f"s3://{self.bucket or '?'}/{self.key(relative) if relative else self.prefix}"

@@ -1,0 +1,241 @@
+"""The S3 store: the one place a boto3 client is built, and the one place S3 errors are translated.
+
+`S3Store(config)` owns a client configured from `Config` (endpoint, addressing style, anonymous
+mode, botocore's standard retry mode, timeouts, a pool sized to the caller's concurrency) and
+offers the few operations the project needs, all keyed by paths relative to the dataset prefix.
+Errors leave as `BackendError`/`NotFound` with one line naming the bucket and key; the message
+never contains a credential.
+
+A store is not shared across `fork()`: `Dataset` builds a new one in each process.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+import boto3
+import botocore.exceptions as bexc
+from botocore import UNSIGNED
+from botocore.config import Config as BotoConfig
+
+from s3fsimg.config import Config
+from s3fsimg.errors import BackendError, IntegrityError, NotFound, S3fsimgError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+#: Error codes that mean "your credentials or permissions", worth a specific message.
+_AUTH_CODES = {
+    "InvalidAccessKeyId": "the access key id is not known to the server (check AWS_ACCESS_KEY_ID / AWS_PROFILE)",
+    "SignatureDoesNotMatch": "the secret key is wrong (check AWS_SECRET_ACCESS_KEY / AWS_PROFILE)",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is invalid",
+    "AccessDenied": "access denied",
+    "AllAccessDisabled": "access denied",
+}
+_RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "SlowDown", "ServiceUnavailable",
+                    "RequestTimeout", "RequestTimeTooSkewed", "ThrottlingException"}
+
+
+@dataclass(frozen=True)
+class GetResult:
+    data: bytes
+    etag: str | None
+    total_size: int | None
+
+
+def translate(exc: BaseException, where: str) -> S3fsimgError:
+    """Turn a botocore/urllib3 exception into one of ours, with one line saying what and where."""
+    if isinstance(exc, S3fsimgError):
+        return exc
+    if isinstance(exc, bexc.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return NotFound(f"{where}: the bucket does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(f"{where}: no such object")
+        if code in _AUTH_CODES:
+            return BackendError(f"{where}: {_AUTH_CODES[code]}")
+        if code == "403" or status == 403:
+            return BackendError(f"{where}: access denied (HTTP 403: wrong credentials or no permission)")
+        return BackendError(f"{where}: S3 answered {code or status}: {err.get('Message', '')}".rstrip(": "))
+    if isinstance(exc, bexc.NoCredentialsError):
+        return BackendError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                            "AWS_PROFILE, or use --anonymous for a public bucket)")
+    if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectionClosedError):
+        return BackendError(f"{where}: cannot connect to the S3 endpoint ({exc.__class__.__name__})")
+    if isinstance(exc, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
+        return BackendError(f"{where}: S3 did not answer in time")
+    if isinstance(exc, bexc.BotoCoreError | OSError):
+        return BackendError(f"{where}: {exc.__class__.__name__}: {exc}")
+    return BackendError(f"{where}: {exc.__class__.__name__}: {exc}")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transient faults worth another attempt within a read deadline."""
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, bexc.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return str(err.get("Code", "")) in _RETRYABLE_CODES or int(status) >= 500
+    return isinstance(exc, bexc.BotoCoreError | OSError | _ShortRead)
+
+
+class _ShortRead(Exception):
+    """The body ended before Content-Length bytes."""
+
+
+class S3Store:
+    """S3 operations under one bucket and prefix."""
+
+    def __init__(self, config: Config, *, max_pool: int = 16, read_timeout: float | None = None,
+                 max_attempts: int = 5) -> None:
+        self.config = config
+        self.bucket = config.require_bucket()
+        connect_timeout = min(5.0, max(1.0, config.read_deadline / 4))
+        if read_timeout is None:
+            read_timeout = min(30.0, max(1.0, config.read_deadline / 2))
+        boto_config = BotoConfig(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool,
+            s3={"addressing_style": config.addressing_style},
+            signature_version=UNSIGNED if config.anonymous else None,
+            # Checksums only where we ask for them (PUT with SHA-256); S3-compatible stores vary.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self.client: S3Client = session.client("s3", endpoint_url=config.endpoint_url, config=boto_config)
+
+    # -- names ---------------------------------------------------------------------------------
+    def key(self, relative: str) -> str:
+        return self.config.key(relative)
+
+    def where(self, relative: str) -> str:
+        return f"s3://{self.bucket}/{self.key(relative)}"
+
+    # -- operations ----------------------------------------------------------------------------
+    def check_bucket(self) -> None:
+        """HEAD the bucket: a clear error for a missing bucket, bad credentials, no endpoint."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise NotFound(f"s3://{self.bucket}: the bucket does not exist") from None
+            if code in ("403", "AccessDenied"):
+                raise BackendError(f"s3://{self.bucket}: access denied (wrong credentials or no permission "
+                                   "on the bucket)") from None
+            raise translate(exc, f"s3://{self.bucket}") from None
+        except Exception as exc:
+            raise translate(exc, f"s3://{self.bucket} at {self.endpoint}") from None
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.endpoint_url or "AWS"
+
+    def head(self, relative: str) -> dict[str, Any] | None:
+        """Size and ETag of an object, or None when it does not exist."""
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self.key(relative))
+        except bexc.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise translate(exc, self.where(relative)) from None
+        except Exception as exc:
+            raise translate(exc, self.where(relative)) from None
+        return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag")}
+
+    def list_keys(self, relative_prefix: str) -> Iterator[tuple[str, int]]:
+        """(relative key, size) of every object under `relative_prefix`."""
+        full = self.key(relative_prefix)
+        cut = len(self.key(""))
+        if self.config.prefix:
+            cut = len(self.config.prefix) + 1
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][cut:], int(obj["Size"])
+        except Exception as exc:
+            raise translate(exc, self.where(relative_prefix)) from None
+
+    def put(self, relative: str, body: bytes | IO[bytes], *, content_type: str,
+            sha256_b64: str | None = None) -> str | None:
+        """PUT an object; with `sha256_b64` the server rejects a body that does not match. Returns the ETag."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(relative), "Body": body,
+                                "ContentType": content_type}
+        if sha256_b64 is not None:
+            args["ChecksumSHA256"] = sha256_b64
+        try:
+            resp = self.client.put_object(**args)
+        except Exception as exc:
+            raise translate(exc, self.where(relative)) from None
+        return resp.get("ETag")
+
+    def get_bytes(self, relative: str) -> bytes:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative))
+            return resp["Body"].read()
+        except Exception as exc:
+            raise translate(exc, self.where(relative)) from None
+
+    def download_file(self, relative: str, fileobj: IO[bytes]) -> dict[str, Any]:
+        """Stream an object into `fileobj`; returns its ETag and size."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative))
+            body = resp["Body"]
+            size = 0
+            for chunk in body.iter_chunks(1 << 20):
+                fileobj.write(chunk)
+                size += len(chunk)
+        except Exception as exc:
+            raise translate(exc, self.where(relative)) from None
+        return {"etag": resp.get("ETag"), "size": size}
+
+    def get_range(self, relative: str, start: int, end: int, *, deadline: float) -> GetResult:
+        """Bytes [start, end) of an object, retried on transient faults until `deadline`
+        (a time.monotonic() value). Raises BackendError once the deadline has passed."""
+        attempt = 0
+        last: BaseException | None = None
+        while True:
+            attempt += 1
+            try:
+                return self._get_range_once(relative, start, end)
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise translate(exc, self.where(relative)) from None
+                last = exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                cause = translate(last, self.where(relative)) if last else None
+                raise BackendError(f"{self.where(relative)}: giving up after {attempt} attempts "
+                                   f"({cause})") from None
+            backoff = min(remaining, 2.0, 0.05 * (2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
+            log.debug("retrying %s bytes %d-%d in %.2fs: %s", self.key(relative), start, end, backoff, last)
+            time.sleep(backoff)
+
+    def _get_range_once(self, relative: str, start: int, end: int) -> GetResult:
+        resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative),
+                                      Range=f"bytes={start}-{end - 1}")
+        data = resp["Body"].read()
+        if len(data) != end - start:
+            raise _ShortRead(f"got {len(data)} of {end - start} bytes")
+        total: int | None = None
+        content_range = resp.get("ContentRange")
+        if content_range and "/" in content_range:
+            tail = content_range.rsplit("/", 1)[1]
+            total = int(tail) if tail.isdigit() else None
+        return GetResult(data=data, etag=resp.get("ETag"), total_size=total)
