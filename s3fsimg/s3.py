@@ -110,7 +110,7 @@ class S3Store:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_pool_connections=max_pool,
-            s3={"addressing_style": config.addressing_style},
+            s3={"addressing_style": config.addressing_style},  # type: ignore[arg-type]
             signature_version=UNSIGNED if config.anonymous else None,
             # Checksums only where we ask for them (PUT with SHA-256); S3-compatible stores vary.
             request_checksum_calculation="when_required",
@@ -158,17 +158,15 @@ class S3Store:
             raise translate(exc, self.where(relative)) from None
         return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag")}
 
-    def list_keys(self, relative_prefix: str) -> Iterator[tuple[str, int]]:
-        """(relative key, size) of every object under `relative_prefix`."""
+    def list_objects(self, relative_prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(relative key, size, etag) of every object under `relative_prefix`."""
         full = self.key(relative_prefix)
-        cut = len(self.key(""))
-        if self.config.prefix:
-            cut = len(self.config.prefix) + 1
+        cut = len(self.config.prefix) + 1 if self.config.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][cut:], int(obj["Size"])
+                    yield obj["Key"][cut:], int(obj["Size"]), str(obj.get("ETag", ""))
         except Exception as exc:
             raise translate(exc, self.where(relative_prefix)) from None
 
