@@ -8,16 +8,19 @@ so moto answers anonymous requests).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,6 +82,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, when called from the main thread: a preexec_fn that makes the child get SIGTERM when
+    this process dies (so a killed pytest leaves no moto behind). PDEATHSIG follows the *thread* that
+    forked, hence main thread only."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    prctl = libc.prctl
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
 class MotoServer:
     """moto's server in its own process on ``127.0.0.1:<free port>``.
 
@@ -125,6 +146,7 @@ class MotoServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -182,9 +204,7 @@ class MotoServer:
     def __enter__(self) -> MotoServer:
         return self.start()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -223,9 +243,7 @@ def s3_client(
     if anonymous:
         cfg["signature_version"] = UNSIGNED
     cfg.update(config)
-    session = boto3.session.Session(
-        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-    )
+    session = boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION)
     return session.client("s3", endpoint_url=endpoint_url, config=Config(**cfg))
 
 
