@@ -1,0 +1,422 @@
+"""The on-disk cache directory, shared by every process that uses it (mounts, `fetch`, DataLoader workers).
+
+Owns the layout, atomic writes, the LRU ledger, eviction and the cross-process locks. It knows
+nothing of S3: `reader.py` decides what to fetch and calls `put_block`/`put_object` here.
+
+On-disk layout (everything 0700/0600, so other users cannot read it)::
+
+    CACHE_DIR/
+      v1/
+        objects/ab/cd/<sha256>.<ext>   complete objects, verified against their sha256 before they
+                                       were renamed into place; what `fetch` hands out as paths
+        blocks/<bs>/ab/<sha256>/<n>    block n (bytes [n*bs, (n+1)*bs)) of a partial object, bs = block
+                                       size in bytes; file = 8-byte header (b"S3B1" + CRC-32 of the data)
+                                       + data, so a torn or zeroed block is never served
+        tmp/<pid>-<random>             files being written; renamed into place when complete; those of
+                                       dead processes are removed when a cache is opened
+        locks/<xx>                     256 lock files (xx = first two hex digits of a sha256); an
+                                       exclusive flock on one makes a whole-object fetch single-flight
+                                       across processes
+        ledger.sqlite                  the LRU ledger (WAL mode; schema in `_SCHEMA`)
+      index/, manifests/               owned by index.py
+
+Invariants (what makes it safe from many processes and after SIGKILL at any instant):
+- A file under objects/ or blocks/ is complete: it is written under tmp/, (objects) fsynced, then
+  renamed. A block is checked against its CRC on every read; an object was verified before rename.
+- The ledger row of a file is written *before* the rename, so a killed process can leave a row
+  without a file (harmless: eviction skips it) but never a file the bound does not count.
+- Eviction (least recently used first) runs under SQLite's write lock (`BEGIN IMMEDIATE`), so
+  processes evicting at once never double-count; it unlinks files, and a reader that already has a
+  file open keeps reading it (Linux keeps unlinked open files), so data in use is never pulled
+  from under a reader. Files this process is writing or reading right now are pinned in memory.
+- Total size stays within `max_bytes` plus the blocks in flight (at most a few per thread).
+- A full disk (ENOSPC) evicts and retries once, then gives up caching that data (the reader
+  serves it from memory): never wrong bytes, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from s3fsimg.errors import BackendError, CacheError
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "v1"
+_BLOCK_MAGIC = b"S3B1"
+_HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
+_TOUCH_INTERVAL = 5.0  # seconds between ledger updates of one file's last use
+
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS files(
+    name  TEXT PRIMARY KEY,      -- path relative to v1/ (objects/... or blocks/...)
+    bytes INTEGER NOT NULL,      -- size on disk
+    atime REAL NOT NULL          -- last use, unix seconds (LRU order)
+);
+CREATE INDEX IF NOT EXISTS files_by_atime ON files(atime);
+CREATE TABLE IF NOT EXISTS totals(
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL,      -- sum(files.bytes), kept by the triggers below
+    files INTEGER NOT NULL       -- count(files)
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS files_ins AFTER INSERT ON files BEGIN
+    UPDATE totals SET bytes = bytes + NEW.bytes, files = files + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS files_del AFTER DELETE ON files BEGIN
+    UPDATE totals SET bytes = bytes - OLD.bytes, files = files - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS files_upd AFTER UPDATE OF bytes ON files BEGIN
+    UPDATE totals SET bytes = bytes - OLD.bytes + NEW.bytes;
+END;
+"""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskCache:
+    """The cache directory of one process. Thread-safe; build a new one after fork()."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.base = self.root / LAYOUT
+        self.pid = os.getpid()
+        self._lock = threading.RLock()
+        self._pinned: dict[str, int] = {}
+        self._touched: dict[str, float] = {}
+        self.caching = True  # False after a disk error we could not recover from
+        try:
+            old = os.umask(0o077)
+            try:
+                for sub in ("objects", "blocks", "tmp", "locks"):
+                    (self.base / sub).mkdir(parents=True, exist_ok=True)
+            finally:
+                os.umask(old)
+            os.chmod(self.root, 0o700)
+            self._db = sqlite3.connect(self.base / "ledger.sqlite", timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._write():
+                self._db.executescript(_SCHEMA.replace("PRAGMA journal_mode=WAL;", ""))
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(f"{self.root}: cannot use the cache directory: {exc}") from None
+        self._clean_tmp()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DiskCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; SQLite's lock serialises it with every other process."""
+        with self._lock:
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _clean_tmp(self) -> None:
+        now = time.time()
+        for entry in os.scandir(self.base / "tmp"):
+            pid_text = entry.name.split("-", 1)[0]
+            try:
+                stale = not _pid_alive(int(pid_text)) or now - entry.stat().st_mtime > 24 * 3600
+            except (ValueError, OSError):
+                stale = True
+            if stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    # -- names -------------------------------------------------------------------------------------
+    @staticmethod
+    def object_name(sha256: str, ext: str) -> str:
+        return f"objects/{sha256[0:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+    @staticmethod
+    def block_dir_name(sha256: str, block_size: int) -> str:
+        return f"blocks/{block_size}/{sha256[0:2]}/{sha256}"
+
+    def block_name(self, sha256: str, block_size: int, index: int) -> str:
+        return f"{self.block_dir_name(sha256, block_size)}/{index}"
+
+    def path(self, name: str) -> Path:
+        return self.base / name
+
+    # -- pins: data this process is using right now is not evicted by it -----------------------------
+    @contextlib.contextmanager
+    def pinned(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self._pinned[name] = self._pinned.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._pinned[name] <= 1:
+                    del self._pinned[name]
+                else:
+                    self._pinned[name] -= 1
+
+    # -- complete objects --------------------------------------------------------------------------
+    def object_path(self, sha256: str, ext: str) -> Path | None:
+        """The path of a complete, verified object, or None. Marks it used."""
+        name = self.object_name(sha256, ext)
+        path = self.base / name
+        if not path.is_file():
+            return None
+        self.touch(name)
+        return path
+
+    def put_object_file(self, tmp: Path, sha256: str, ext: str) -> Path:
+        """Move a verified, fsynced temp file into place as the complete object; drop its blocks."""
+        name = self.object_name(sha256, ext)
+        final = self.base / name
+        size = tmp.stat().st_size
+        with self.pinned(name):
+            self._reserve(name, size)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        self.drop_blocks(sha256)
+        return final
+
+    def new_tmp(self) -> tuple[int, Path]:
+        """An open, new temp file (0600) in tmp/: (fd, path)."""
+        path = self.base / "tmp" / f"{self.pid}-{secrets.token_hex(8)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return fd, path
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def get_block(self, sha256: str, block_size: int, index: int, length: int) -> bytes | None:
+        """Block `index` if cached and intact (CRC and length), else None. Read errors are misses."""
+        name = self.block_name(sha256, block_size, index)
+        try:
+            with open(self.base / name, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache: cannot read %s (%s); reading from S3", name, exc.strerror)
+            return None
+        if len(raw) != _HEADER.size + length:
+            log.warning("cache: block %s has the wrong length; dropping it", name)
+            self._drop(name)
+            return None
+        magic, crc = _HEADER.unpack_from(raw)
+        data = raw[_HEADER.size:]
+        if magic != _BLOCK_MAGIC or zlib.crc32(data) != crc:
+            log.warning("cache: block %s fails its checksum; dropping it", name)
+            self._drop(name)
+            return None
+        self.touch(name)
+        return data
+
+    def has_block(self, sha256: str, block_size: int, index: int) -> bool:
+        return (self.base / self.block_name(sha256, block_size, index)).is_file()
+
+    def put_block(self, sha256: str, block_size: int, index: int, data: bytes) -> bool:
+        """Store a block atomically; False if it could not be cached (disk full, I/O error)."""
+        if not self.caching:
+            return False
+        name = self.block_name(sha256, block_size, index)
+        payload = _HEADER.pack(_BLOCK_MAGIC, zlib.crc32(data)) + data
+        return self._write_file(name, payload, fsync=False)
+
+    def drop_blocks(self, sha256: str) -> None:
+        """Remove every block of an object (all block sizes), files and ledger rows."""
+        for bs_dir in (self.base / "blocks").iterdir() if (self.base / "blocks").is_dir() else []:
+            directory = bs_dir / sha256[0:2] / sha256
+            if not directory.is_dir():
+                continue
+            prefix = f"blocks/{bs_dir.name}/{sha256[0:2]}/{sha256}/"
+            with self._write() as db:
+                db.execute("DELETE FROM files WHERE name >= ? AND name < ?", (prefix, prefix + "\xff"))
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def drop_object(self, sha256: str, ext: str) -> None:
+        self._drop(self.object_name(sha256, ext))
+        self.drop_blocks(sha256)
+
+    # -- writing, the ledger and eviction ----------------------------------------------------------
+    def _write_file(self, name: str, payload: bytes, *, fsync: bool) -> bool:
+        for attempt in (1, 2):
+            tmp: Path | None = None
+            try:
+                fd, tmp = self.new_tmp()
+                try:
+                    view = memoryview(payload)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                final = self.base / name
+                with self.pinned(name):
+                    self._reserve(name, len(payload))
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
+                return True
+            except OSError as exc:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                if exc.errno == errno.ENOSPC and attempt == 1:
+                    log.warning("cache: disk full in %s; evicting and retrying once", self.root)
+                    self.evict(extra=max(len(payload) * 4, 8 << 20), force_fraction=0.1)
+                    continue
+                log.warning("cache: cannot store %s (%s); serving it without caching", name, exc.strerror)
+                return False
+        return False
+
+    def _reserve(self, name: str, size: int) -> None:
+        """Record a file in the ledger (before it is renamed into place), evicting to make room."""
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT INTO files(name, bytes, atime) VALUES (?,?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET bytes=excluded.bytes, atime=excluded.atime",
+                       (name, size, now))
+            total = db.execute("SELECT bytes FROM totals").fetchone()[0]
+            if total > self.max_bytes:
+                self._evict_locked(db, total - self.max_bytes)
+        self._touched[name] = now
+
+    def touch(self, name: str) -> None:
+        """Mark a file as used (LRU); at most one ledger write per file per few seconds."""
+        now = time.time()
+        if now - self._touched.get(name, 0.0) < _TOUCH_INTERVAL:
+            return
+        self._touched[name] = now
+        try:
+            with self._lock:
+                self._db.execute("UPDATE files SET atime=? WHERE name=?", (now, name))
+        except sqlite3.Error as exc:
+            log.debug("cache: ledger touch failed: %s", exc)
+
+    def evict(self, extra: int = 0, force_fraction: float = 0.0) -> int:
+        """Evict until total + extra <= max_bytes (and at least force_fraction of the total). Returns bytes freed."""
+        with self._write() as db:
+            total = db.execute("SELECT bytes FROM totals").fetchone()[0]
+            need = max(total + extra - self.max_bytes, int(total * force_fraction))
+            return self._evict_locked(db, need) if need > 0 else 0
+
+    def _evict_locked(self, db: sqlite3.Connection, need: int) -> int:
+        freed = 0
+        skip: set[str] = set()
+        while freed < need:
+            rows = db.execute("SELECT name, bytes FROM files ORDER BY atime LIMIT ?", (64 + len(skip),)).fetchall()
+            rows = [r for r in rows if r[0] not in skip]
+            if not rows:
+                break
+            for name, size in rows:
+                if name in self._pinned:
+                    skip.add(name)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.base / name)
+                db.execute("DELETE FROM files WHERE name=?", (name,))
+                freed += size
+                if freed >= need:
+                    break
+        if freed:
+            log.debug("cache: evicted %d bytes", freed)
+        return freed
+
+    def _drop(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.base / name)
+        try:
+            with self._write() as db:
+                db.execute("DELETE FROM files WHERE name=?", (name,))
+        except sqlite3.Error as exc:
+            log.warning("cache: ledger update failed: %s", exc)
+
+    # -- cross-process single flight -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def object_lock(self, sha256: str, deadline: float) -> Iterator[None]:
+        """An exclusive lock shared by every process on this cache for one object (striped by sha256)."""
+        path = self.base / "locks" / sha256[0:2]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            delay = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BackendError(f"timed out waiting for another process fetching {sha256}") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- commands ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            total, files = self._db.execute("SELECT bytes, files FROM totals").fetchone()
+            objects = self._db.execute(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM files WHERE name >= 'objects/' AND name < 'objects0'"
+            ).fetchone()
+        return {
+            "dir": str(self.root),
+            "bytes": int(total),
+            "max_bytes": self.max_bytes,
+            "files": int(files),
+            "objects": int(objects[0]),
+            "object_bytes": int(objects[1]),
+            "blocks": int(files) - int(objects[0]),
+            "block_bytes": int(total) - int(objects[1]),
+        }
+
+    def clear(self) -> int:
+        """Remove every cached object and block. Safe while others use the cache: each file is unlinked
+        under the ledger lock (open readers keep their data), and later reads refetch."""
+        freed = 0
+        with self._write() as db:
+            freed = db.execute("SELECT bytes FROM totals").fetchone()[0]
+            for sub in ("objects", "blocks"):
+                target = self.base / sub
+                doomed = self.base / "tmp" / f"{self.pid}-clear-{secrets.token_hex(4)}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(target, doomed)
+                target.mkdir(mode=0o700, exist_ok=True)
+                shutil.rmtree(doomed, ignore_errors=True)
+            db.execute("DELETE FROM files")
+        return int(freed)

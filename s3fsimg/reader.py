@@ -1,0 +1,430 @@
+"""Serving bytes of content-addressed objects: from the disk cache, else from S3 by byte range.
+
+`ObjectReader` owns the data path policy; `cache.DiskCache` owns the disk. All methods block and
+are thread-safe: the Python API calls them from its threads, the filesystem from trio worker
+threads (`trio.to_thread.run_sync(..., limiter=...)`), so the event loop never waits on S3.
+
+How a read `(entry, offset, size)` is served (`Stream.read`):
+1. A complete, verified object in the cache -> `pread` on a file descriptor kept per stream.
+2. Small objects (<= `whole_object_max`) and *suspect* ones (which failed verification before)
+   are fetched whole (`fetch_path`): one GET (or parallel part GETs above `part_size`), hashed,
+   fsynced, renamed into the cache; no byte is served before the sha256 matched.
+3. Larger objects are read in fixed blocks (`block_size`). A block is taken from the cache, or from
+   a GET already in flight in this process for it (single-flight: one GET per block however many
+   threads want it), or fetched now by the reading thread, contiguous missing blocks in one ranged
+   GET. Sequential reading (a read starting where the stream's previous read ended) schedules
+   read-ahead of the following blocks in background threads, in a window that doubles from 4
+   blocks up to `max_readahead`, and covers the whole rest of the object once that fits in the
+   window; a read waits only for the blocks it needs.
+4. Whenever every block of an object is in the cache, the object is assembled, its sha256 checked,
+   and it becomes a complete object (blocks dropped). A mismatch drops every block, marks the object
+   suspect (so step 2 applies to it from then on) and fails the read that completed it: an object
+   whose bytes do not hash to its sha256 never reads back whole without an error.
+
+Every S3 response is checked against the manifest: the object's total size (Content-Range) and,
+where the manifest has one, the ETag, so an object replaced in the bucket fails the first range that
+sees it. S3 faults are retried until `read_deadline` (`S3Store.get_range`), then raise BackendError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from s3fsimg.cache import DiskCache
+from s3fsimg.config import Config
+from s3fsimg.errors import IntegrityError, S3fsimgError
+from s3fsimg.manifest import Entry
+from s3fsimg.s3 import GetResult, S3Store
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or a read-ahead run
+MAX_READAHEAD = 8 << 20  # read-ahead window limit per stream
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass
+class ReaderStats:
+    """Counters of one reader (one process). `snapshot()` is what `s3fsimg stats` shows."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    s3_requests: int = 0
+    s3_bytes: int = 0
+    readahead_requests: int = 0
+    errors: int = 0
+    integrity_errors: int = 0
+    uncached_writes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class ObjectReader:
+    """Reads objects through the cache. One per process (not shared across fork())."""
+
+    def __init__(self, config: Config, cache: DiskCache | None = None, store: S3Store | None = None, *,
+                 threads: int = 16) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.whole_object_max = config.whole_object_max
+        self.part_size = max(PART_SIZE, self.block_size)
+        self.max_readahead = max(MAX_READAHEAD, self.block_size)
+        self.cache = cache or DiskCache(config.cache_dir, config.cache_max_bytes)
+        self.store = store or S3Store(config, max_pool=threads * 2 + 8)
+        self.stats = ReaderStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, int], Future[bytes]] = {}
+        self._whole: dict[str, Future[Path]] = {}
+        self._suspect: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3fsimg-fetch")
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open_stream(self, entry: Entry) -> Stream:
+        return Stream(self, entry)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.read_deadline
+
+    # -- whole objects -----------------------------------------------------------------------------
+    def fetch_path(self, entry: Entry) -> Path:
+        """The path of the complete, verified object in the cache, fetching it if needed."""
+        path = self.cache.object_path(entry.sha256, entry.ext)
+        if path is not None:
+            self.stats.add(cache_hits=1)
+            return path
+        with self._lock:
+            fut = self._whole.get(entry.sha256)
+            mine = fut is None
+            if fut is None:
+                fut = self._whole[entry.sha256] = Future()
+        if not mine:
+            return fut.result()
+        try:
+            path = self._fetch_whole(entry)
+            fut.set_result(path)
+            return path
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._whole.pop(entry.sha256, None)
+
+    def _fetch_whole(self, entry: Entry) -> Path:
+        deadline = self._deadline()
+        with self.cache.object_lock(entry.sha256, deadline):
+            path = self.cache.object_path(entry.sha256, entry.ext)
+            if path is not None:  # another process fetched it while we waited
+                self.stats.add(cache_hits=1)
+                return path
+            self.stats.add(cache_misses=1)
+            data = self._download(entry, deadline)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry.sha256:
+                self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
+            with self._lock:
+                self._suspect.discard(entry.sha256)
+            fd, tmp = self.cache.new_tmp()
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return self.cache.put_object_file(tmp, entry.sha256, entry.ext)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def _download(self, entry: Entry, deadline: float) -> bytes:
+        """All bytes of an object: one GET, or parallel GETs of `part_size` parts."""
+        if entry.bytes == 0:
+            return b""
+        if entry.bytes <= self.part_size:
+            return self._get(entry, 0, entry.bytes, deadline).data
+        starts = range(0, entry.bytes, self.part_size)
+        futures = [self._pool.submit(self._get, entry, s, min(s + self.part_size, entry.bytes), deadline)
+                   for s in starts]
+        return b"".join(f.result().data for f in futures)
+
+    def _get(self, entry: Entry, start: int, end: int, deadline: float) -> GetResult:
+        """One ranged GET, checked against the manifest's size and ETag."""
+        result = self.store.get_range(entry.path, start, end, deadline=deadline)
+        self.stats.add(s3_requests=1, s3_bytes=len(result.data))
+        if result.total_size is not None and result.total_size != entry.bytes:
+            self._integrity_failure(entry, f"S3 has {result.total_size} bytes, the manifest says {entry.bytes} "
+                                           "(object replaced?)")
+        if entry.etag and result.etag and result.etag != entry.etag:
+            self._integrity_failure(entry, f"S3 returns ETag {result.etag}, the manifest says {entry.etag} "
+                                           "(object replaced)")
+        return result
+
+    def _integrity_failure(self, entry: Entry, why: str) -> None:
+        with self._lock:
+            self._suspect.add(entry.sha256)
+        self.stats.add(integrity_errors=1)
+        self.cache.drop_object(entry.sha256, entry.ext)
+        raise IntegrityError(f"{self.store.where(entry.path)}: {why}")
+
+    def is_suspect(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._suspect
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def block_length(self, entry: Entry, index: int) -> int:
+        return min(self.block_size, entry.bytes - index * self.block_size)
+
+    def block_count(self, entry: Entry) -> int:
+        return (entry.bytes + self.block_size - 1) // self.block_size
+
+    def read_blocks(self, entry: Entry, first: int, last: int, deadline: float) -> tuple[list[bytes], bool]:
+        """Blocks first..last (inclusive), in order; and whether any came from S3."""
+        got: dict[int, bytes] = {}
+        waiting: dict[int, Future[bytes]] = {}
+        missing: list[int] = []
+        for i in range(first, last + 1):
+            with self._lock:
+                fut = self._inflight.get((entry.sha256, i))
+            if fut is not None:
+                waiting[i] = fut
+                continue
+            data = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+            if data is not None:
+                got[i] = data
+            else:
+                missing.append(i)
+        if got and not missing and not waiting:
+            self.stats.add(cache_hits=1)
+        fetched = False
+        if missing:
+            self.stats.add(cache_misses=1)
+            runs = self._claim(entry, missing, waiting)
+            for run_first, run_last, futures in runs:
+                self._fetch_run(entry, run_first, run_last, futures, deadline)
+                fetched = True
+        for i, fut in waiting.items():
+            remaining = max(0.0, deadline - time.monotonic()) + 1.0
+            got[i] = fut.result(timeout=remaining)
+        return [got[i] for i in range(first, last + 1)], fetched
+
+    def _claim(self, entry: Entry, wanted: list[int], waiting: dict[int, Future[bytes]],
+               max_run: int | None = None) -> list[tuple[int, int, dict[int, Future[bytes]]]]:
+        """Register this thread as the fetcher of each wanted block nobody is fetching; group them into
+        runs of contiguous blocks. Blocks already in flight go to `waiting`."""
+        max_blocks = max(1, (max_run or self.part_size) // self.block_size)
+        runs: list[tuple[int, int, dict[int, Future[bytes]]]] = []
+        with self._lock:
+            for i in wanted:
+                key = (entry.sha256, i)
+                existing = self._inflight.get(key)
+                if existing is not None:
+                    waiting[i] = existing
+                    continue
+                fut: Future[bytes] = Future()
+                self._inflight[key] = fut
+                waiting[i] = fut
+                if runs and runs[-1][1] == i - 1 and i - runs[-1][0] < max_blocks:
+                    run_first, _, futures = runs[-1]
+                    futures[i] = fut
+                    runs[-1] = (run_first, i, futures)
+                else:
+                    runs.append((i, i, {i: fut}))
+        return runs
+
+    def _fetch_run(self, entry: Entry, first: int, last: int, futures: dict[int, Future[bytes]],
+                   deadline: float) -> None:
+        """GET blocks first..last in one range; resolve their futures; store them in the cache."""
+        start = first * self.block_size
+        end = min((last + 1) * self.block_size, entry.bytes)
+        try:
+            result = self._get(entry, start, end, deadline)
+        except BaseException as exc:
+            with self._lock:
+                for i, fut in futures.items():
+                    self._inflight.pop((entry.sha256, i), None)
+                    fut.set_exception(exc)
+            return
+        view = memoryview(result.data)
+        for i in range(first, last + 1):
+            off = (i - first) * self.block_size
+            block = bytes(view[off:off + self.block_length(entry, i)])
+            if not self.cache.put_block(entry.sha256, self.block_size, i, block):
+                self.stats.add(uncached_writes=1)
+            with self._lock:
+                self._inflight.pop((entry.sha256, i), None)
+            futures[i].set_result(block)
+
+    def prefetch(self, entry: Entry, first: int, last: int) -> None:
+        """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
+        if self._closed:
+            return
+        wanted = [i for i in range(first, last + 1)
+                  if (entry.sha256, i) not in self._inflight and not self.cache.has_block(
+                      entry.sha256, self.block_size, i)]
+        if not wanted:
+            return
+        deadline = self._deadline()
+        for run_first, run_last, futures in self._claim(entry, wanted, {}):
+            self.stats.add(readahead_requests=1)
+            self._pool.submit(self._prefetch_run, entry, run_first, run_last, futures, deadline)
+
+    def _prefetch_run(self, entry: Entry, first: int, last: int, futures: dict[int, Future[bytes]],
+                      deadline: float) -> None:
+        self._fetch_run(entry, first, last, futures, deadline)
+        if last == self.block_count(entry) - 1:
+            with contextlib.suppress(S3fsimgError):
+                self.complete_if_whole(entry)
+
+    def complete_if_whole(self, entry: Entry) -> Path | None:
+        """If every block of the object is cached, verify it and make it a complete object."""
+        n = self.block_count(entry)
+        if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in range(n)):
+            return None
+        hasher = hashlib.sha256()
+        fd, tmp = self.cache.new_tmp()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for i in range(n):
+                    block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+                    if block is None:  # evicted meanwhile: not complete after all
+                        os.unlink(tmp)
+                        return None
+                    hasher.update(block)
+                    f.write(block)
+                if hasher.hexdigest() != entry.sha256:
+                    os.unlink(tmp)
+                    self._integrity_failure(entry, f"its bytes hash to {hasher.hexdigest()[:16]}…, "
+                                                   "not to its sha256")
+                f.flush()
+                os.fsync(f.fileno())
+            return self.cache.put_object_file(tmp, entry.sha256, entry.ext)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning("cache: cannot assemble %s (%s)", entry.sha256, exc.strerror)
+            return None
+
+
+class Stream:
+    """Reads of one open file: keeps the sequential-read state and the descriptor of a complete object."""
+
+    def __init__(self, reader: ObjectReader, entry: Entry) -> None:
+        self.reader = reader
+        self.entry = entry
+        self._fd: int | None = None
+        self._next_offset = -1
+        self._window = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _complete_fd(self) -> int | None:
+        if self._fd is None:
+            path = self.reader.cache.object_path(self.entry.sha256, self.entry.ext)
+            if path is not None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+                with self._lock:
+                    if self._fd is None:
+                        self._fd = fd
+                    else:
+                        os.close(fd)
+        return self._fd
+
+    def _open_whole(self) -> int:
+        path = self.reader.fetch_path(self.entry)
+        fd = os.open(path, os.O_RDONLY)
+        with self._lock:
+            if self._fd is None:
+                self._fd = fd
+            else:
+                os.close(fd)
+            return self._fd
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the object, short at its end; b"" at or after it."""
+        entry, reader = self.entry, self.reader
+        size = min(size, entry.bytes - offset)
+        if size <= 0 or offset < 0:
+            return b""
+        try:
+            fd = self._complete_fd()
+            if fd is None and (entry.bytes <= reader.whole_object_max or reader.is_suspect(entry.sha256)):
+                fd = self._open_whole()
+            elif fd is not None:
+                reader.stats.add(cache_hits=1)
+            data = os.pread(fd, size, offset) if fd is not None else self._read_blocks(offset, size)
+        except S3fsimgError:
+            reader.stats.add(errors=1)
+            raise
+        reader.stats.add(reads=1, bytes_read=len(data))
+        return data
+
+    def _read_blocks(self, offset: int, size: int) -> bytes:
+        reader, entry, bs = self.reader, self.entry, self.reader.block_size
+        first, last = offset // bs, (offset + size - 1) // bs
+        sequential = offset == self._next_offset
+        self._next_offset = offset + size
+        nblocks = reader.block_count(entry)
+        if sequential and last + 1 < nblocks:
+            window_max = reader.max_readahead // bs
+            self._window = min(window_max, max(4, self._window * 2))
+            rest = nblocks - (last + 1)
+            ahead = rest if rest <= window_max else self._window
+            reader.prefetch(entry, last + 1, last + ahead)
+        deadline = reader._deadline()
+        blocks, fetched = reader.read_blocks(entry, first, last, deadline)
+        if fetched or last == nblocks - 1:
+            # The read that completes the object verifies it (and fails if it does not match).
+            reader.complete_if_whole(entry)
+        start = offset - first * bs
+        joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        return joined[start:start + size]
+
+
+def iter_blocks(offset: int, size: int, block_size: int) -> Iterator[tuple[int, int, int]]:
+    """(block index, start within block, length) covering [offset, offset+size): the reference
+    arithmetic that `Stream._read_blocks` relies on (property-tested)."""
+    end = offset + size
+    while offset < end:
+        index = offset // block_size
+        start = offset - index * block_size
+        length = min(block_size - start, end - offset)
+        yield index, start, length
+        offset += length
