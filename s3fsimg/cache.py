@@ -121,8 +121,8 @@ class DiskCache:
                                        check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._write():
-                self._db.executescript(_SCHEMA.replace("PRAGMA journal_mode=WAL;", ""))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA.replace("PRAGMA journal_mode=WAL;", "") + "COMMIT;")
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"{self.root}: cannot use the cache directory: {exc}") from None
         self._clean_tmp()
@@ -142,8 +142,6 @@ class DiskCache:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; SQLite's lock serialises it with every other process."""
         with self._lock:
-            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
