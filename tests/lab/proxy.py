@@ -683,7 +683,7 @@ class ProxyServer:
         start = time.monotonic()
         sent = 0  # body bytes (decoded for chunked)
 
-        def emit(data: bytes, framing: tuple[bytes, bytes] | None = None) -> bool:
+        def emit(data: bytes | memoryview, framing: tuple[bytes, bytes] | None = None) -> bool:
             """Send body data; False once the truncation point is reached."""
             nonlocal sent
             if flip_at is not None and sent <= flip_at < sent + len(data):
@@ -695,7 +695,7 @@ class ProxyServer:
                 data = data[: max(0, cut - sent)]
                 stop = True
             if framing is not None and not stop:
-                sock.sendall(framing[0] + data + framing[1])
+                sock.sendall(framing[0] + bytes(data) + framing[1])
             elif data:
                 sock.sendall(data)
             sent += len(data)
@@ -706,13 +706,15 @@ class ProxyServer:
             return not stop
 
         if mode == "length":
+            # one reusable buffer: no per-chunk allocation (large bytes objects cost page faults)
+            view = memoryview(bytearray(min(step, max(length, 1))))
             left = length
             while left > 0:
-                data = uprfile.read1(min(left, step))  # type: ignore[attr-defined]
-                if not data:
+                n = uprfile.readinto1(view[: min(left, step)])  # type: ignore[attr-defined]
+                if not n:
                     raise _Closed("upstream EOF in body")
-                left -= len(data)
-                if not emit(data):
+                left -= n
+                if not emit(view[:n]):
                     break
         elif mode == "eof":
             while True:
