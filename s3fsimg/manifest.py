@@ -327,6 +327,7 @@ class Validator:
         row = db.execute("SELECT lineno FROM dirs WHERE path=?", (src,)).fetchone()
         if row is not None:
             yield Problem(lineno, "source_path", f"{src!r} is a directory of the source_path on line {row[0]}")
+            return
         db.execute("INSERT INTO files VALUES (?,?)", (src, lineno))
         for parent in PurePosixPath(src).parents:
             p = str(parent)

@@ -1,0 +1,82 @@
+"""Configuration: `.env` < environment < flags; bad values exit 2 before any network call."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from s3fsimg.config import Config
+from s3fsimg.errors import ConfigError
+from s3fsimg.units import parse_duration, parse_size
+
+
+def test_priority_dotenv_env_flags(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("S3_BUCKET=from-dotenv\nDATASET_PREFIX=p1\nDATASET_CACHE_MAX_BYTES=1G\n")
+    env = {"DATASET_PREFIX": "from-env"}
+    from dotenv import dotenv_values
+
+    merged = {**{k: v for k, v in dotenv_values(dotenv).items() if v is not None}, **env}
+    config = Config.load({"cache_max_bytes": "500M"}, env=merged)
+    assert config.bucket == "from-dotenv"
+    assert config.prefix == "from-env"
+    assert config.cache_max_bytes == 500 << 20
+
+
+def test_dotenv_file_is_read_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("S3_BUCKET=dotenv-bucket\nDATASET_READ_DEADLINE=5s\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("S3_BUCKET", raising=False)
+    monkeypatch.delenv("DATASET_READ_DEADLINE", raising=False)
+    config = Config.load()
+    assert config.bucket == "dotenv-bucket"
+    assert config.read_deadline == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("500M", 500 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1.5K", 1536)]
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["10Q", "", "-1G", "G"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_durations() -> None:
+    assert parse_duration("30s") == 30.0
+    assert parse_duration("2m") == 120.0
+    assert parse_duration("500ms") == 0.5
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-max-bytes", "10Q"], "not a size"),
+        (["--addressing-style", "sideways"], "sideways"),
+        (["--read-deadline", "never"], "not a duration"),
+    ],
+)
+def test_cli_config_errors_exit_2_without_network(args: list[str], message: str, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "S3_BUCKET": "b", "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "s3fsimg", "fetch", "x", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_bucket_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "s3fsimg", "upload", str(tmp_path / "d")],
+                          env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "s3fsimg: error: no bucket: set S3_BUCKET (in the environment or .env) or pass --bucket"
