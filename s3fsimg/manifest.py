@@ -129,7 +129,13 @@ class EntryProblem(ValueError):
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer as JSON Schema counts them: 3 and 3.0, never true/false."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+
+
+_MISSING = object()
 
 
 def parse_entry(obj: Any) -> Entry:
@@ -158,28 +164,30 @@ def parse_entry(obj: Any) -> Entry:
     if path != expected:
         raise EntryProblem("path", f"{path!r} does not agree with sha256 and content_type (expected {expected!r})")
     for name in ("width", "height"):
-        v = obj.get(name)
-        if v is not None and (not _is_int(v) or v < 1):
+        v = obj.get(name, _MISSING)
+        if v is not _MISSING and (not _is_int(v) or v < 1):
             raise EntryProblem(name, f"{v!r} is not an integer >= 1")
-    lid = obj.get("logical_id")
-    if lid is not None:
+    lid = obj.get("logical_id", _MISSING)
+    if lid is not _MISSING:
         if not isinstance(lid, str):
             raise EntryProblem("logical_id", f"{lid!r} is not a string")
         problem = logical_id_problem(lid)
         if problem:
             raise EntryProblem("logical_id", f"{lid!r} {problem}")
-    etag = obj.get("etag")
-    if etag is not None and (not isinstance(etag, str) or not etag):
+    etag = obj.get("etag", _MISSING)
+    if etag is not _MISSING and (not isinstance(etag, str) or not etag):
         raise EntryProblem("etag", f"{etag!r} is not a non-empty string")
-    src = obj.get("source_path")
-    if src is not None:
+    src = obj.get("source_path", _MISSING)
+    if src is not _MISSING:
         if not isinstance(src, str):
             raise EntryProblem("source_path", f"{src!r} is not a string")
         problem = source_path_problem(src)
         if problem:
             raise EntryProblem("source_path", f"{src!r} {problem}")
-    return Entry(sha256=sha, path=path, bytes=size, content_type=ctype, width=obj.get("width"),
-                 height=obj.get("height"), logical_id=lid, etag=etag, source_path=src)
+    width, height = obj.get("width"), obj.get("height")
+    return Entry(sha256=sha, path=path, bytes=int(size), content_type=ctype,
+                 width=None if width is None else int(width), height=None if height is None else int(height),
+                 logical_id=obj.get("logical_id"), etag=obj.get("etag"), source_path=obj.get("source_path"))
 
 
 def parse_line(line: str | bytes) -> Entry:

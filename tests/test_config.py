@@ -79,4 +79,5 @@ def test_missing_bucket_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "s3fsimg", "upload", str(tmp_path / "d")],
                           env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "s3fsimg: error: no bucket: set S3_BUCKET (in the environment or .env) or pass --bucket"
+    expected = "s3fsimg: error: no bucket: set S3_BUCKET (in the environment or .env) or pass --bucket"
+    assert proc.stderr.strip() == expected
