@@ -1,38 +1,45 @@
 """The on-disk SQLite index of one manifest: names, inode numbers and attributes of the mount's tree.
 
-Owns the index file format (the schema, in `SCHEMA` below, is its only definition), how an index is
-built from a manifest (`build_index`), how it is found or built for a bucket's manifest and reused
-(`load_index`), and the read API that `fs.py` and `dataset.py` query (`Index`). Nothing here loads a
-whole manifest into Python objects: a manifest of millions of lines is streamed once into the
-`entries` table, and everything else (objects, directories, names, link counts) is derived from it
-by SQL statements that run in C.
+Owns the index file format (the schema, `SCHEMA` below, is its only definition), how an index is built
+from a manifest (`build_index`), how it is found or built for a bucket's manifest and reused
+(`load_index`, `ensure_index`), and the read API that `fs.py` and `dataset.py` query (`Index`).
+
+Nothing here holds a manifest in Python objects. The manifest is streamed once into `entries` (batched
+inserts, one transaction per batch); everything else is derived from that table by SQL that runs in C.
+Only what cannot be computed is stored: `images/` and `by-id/` are *views* of `entries`/`objects`
+answered through their indexes (a name there is `<sha256>.<ext>`, so a lookup is one index probe on
+the hash), while `by-path/` names are real rows (`pnames`), because a source tree is arbitrary. This
+keeps a 1,000,000-entry index at about half the size of a table of every name, and its build short.
 
 On-disk layout, under the cache directory::
 
-    <cache_dir>/manifests/<key>.jsonl      local copy of a bucket's manifest; <key> hashes the endpoint,
-    <cache_dir>/manifests/<key>.json       bucket, manifest key and ETag; the .json records ETag,
-                                           Last-Modified, sha256 and size of that copy
-    <cache_dir>/index/<sha256>.sqlite      the index of the manifest whose bytes hash to <sha256>
-    <cache_dir>/index/<sha256>.lock        flock held while building, so two processes never both build
+    <cache_dir>/manifests/<key>.jsonl   local copy of a bucket's manifest; <key> hashes the endpoint, bucket,
+    <cache_dir>/manifests/<key>.json    manifest key and ETag; the .json records ETag, Last-Modified, sha256
+    <cache_dir>/index/<sha256>.sqlite   the index of the manifest whose bytes hash to <sha256>
+    <cache_dir>/index/<sha256>.lock     flock held while building, so two processes never both build
 
-An index is built into `<dest>.tmp-<pid>` (and a staging database beside it, deleted afterwards) and
-renamed into place last, so a half-built index is never opened. It is opened read-only (`mode=ro`)
-for serving, and its `metadata` table (format version, manifest digest) is checked on open.
+An index is built into `<dest>.tmp-<pid>-<thread>` and renamed into place last, so a half-built index is
+never opened. It is opened read-only (`mode=ro`) for serving; its `metadata` (format version, manifest
+digest) is checked on open.
 
-Inode numbers (stable for a given manifest: every number is a function of manifest order)::
+Inode numbers: each a function of manifest order only, so stable across rebuilds and remounts of the
+same manifest (E = number of entries)::
 
     1 root   2 images   3 by-id   4 by-path   5 manifest.jsonl
-    16 + 0xab                      images/ab
-    272 + 0xabcd                   images/ab/cd
-    OBJ_BASE + n                   the n-th distinct object (sha256) in order of first appearance;
-                                   every name of that object (images/, by-id/, by-path/) is this inode
-    obj_base + objects + n         the n-th by-id/<logical_id> directory, in order of first appearance
-    ... + logical ids + n          the n-th by-path directory, in order of first appearance
+    AB_BASE + 0xab                     images/ab
+    ABCD_BASE + 0xabcd                 images/ab/cd
+    OBJ_BASE + i                       the object (sha256) whose first line is entry i; all its names share it
+    OBJ_BASE + E + i                   by-id/<logical_id>, where entry i is the first line with that id
+    OBJ_BASE + 2E + k                  the k-th by-path directory (k >= 1, order of first appearance)
 
-Threads: each thread gets its own read-only connection (`threading.local`), made with
-`check_same_thread=False` only so that `close()` can close them all from one thread. Readers in
-different threads then never wait on a Python lock, and SQLite lets read-only connections read
-concurrently; every query is a few indexed B-tree lookups, cheap enough to run on the trio thread.
+Rules the index adds to the manifest's: lines with the same sha256 must agree on size and content type
+(one object has one name under images/); a source_path may be named once and may not also be a
+directory of another source_path. A violation is a ManifestError naming the line.
+
+Threads: each thread gets its own read-only connection (`threading.local`), opened with
+`check_same_thread=False` only so that `close()` can close them all from one thread. Threads then never
+queue on a Python lock, and SQLite serves read-only connections concurrently. Every query is a few
+B-tree probes (microseconds with a warm page cache), cheap enough for the trio thread of the mount.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s3fsimg.errors import BackendError, ManifestError, NotFound, S3fsimgError
-from s3fsimg.manifest import Entry, iter_entries
+from s3fsimg.manifest import Entry, extension_for, iter_entries
 
 if TYPE_CHECKING:
     from s3fsimg.config import Config
@@ -62,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bump when the schema or the inode layout changes; an index of another version is rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ROOT_INODE = 1
 IMAGES_INODE = 2
@@ -73,29 +80,27 @@ AB_BASE = 16  # images/ab -> AB_BASE + 0xab
 ABCD_BASE = AB_BASE + 256  # images/ab/cd -> ABCD_BASE + 0xabcd
 OBJ_BASE = 1 << 17  # first object inode; everything below is a fixed directory or file
 
-#: Names of the root directory, in readdir order.
+#: Names of the root directory, in readdir order (readdir key = position + 1).
 ROOT_NAMES = ((b"images", IMAGES_INODE), (b"by-id", BY_ID_INODE), (b"by-path", BY_PATH_INODE),
               (b"manifest.jsonl", MANIFEST_INODE))
 
 _BATCH = 20_000  # rows per insert transaction while streaming the manifest
-_READDIR_PAGE = 512  # rows fetched per readdir query
-_PATH_PREFIX_LEN = len("images/ab/cd/")  # basename of a manifest path = substr(path, 14)
+_PAGE = 512  # rows fetched per readdir query
 
-# The whole schema, in one place. Tables are created empty before the load; indexes after it.
+# The whole schema, in one place. Tables are created empty before the load; INDEXES after it.
 SCHEMA = """
 -- Facts about this index, checked on open. Keys: format_version, manifest_sha256, manifest_bytes,
--- mtime_ns, entry_count, object_count, obj_base, iddir_base, pdir_base, built_at.
+-- mtime_ns, entry_count, object_count, logical_id_count, pdir_count, built_at.
 CREATE TABLE metadata(
     key   TEXT PRIMARY KEY,   -- name of the fact
     value TEXT NOT NULL       -- its value, as text
 ) WITHOUT ROWID;
 
--- One row per manifest line (blank lines skipped), in manifest order.
+-- One row per manifest line (blank lines skipped), in manifest order. `path` is not stored: it is
+-- images/ab/cd/<sha256>.<ext of content_type>, which the manifest parser has checked.
 CREATE TABLE entries(
     id           INTEGER PRIMARY KEY,  -- 0-based position among the entries: nth_entry(id)
-    lineno       INTEGER NOT NULL,     -- 1-based line number in the manifest, for messages
-    sha256       TEXT NOT NULL,        -- object hash (64 lowercase hex digits)
-    path         TEXT NOT NULL,        -- images/ab/cd/<sha256>.<ext>
+    sha256       BLOB NOT NULL,        -- object hash, 32 raw bytes
     bytes        INTEGER NOT NULL,     -- object size
     content_type TEXT NOT NULL,        -- image/...
     width        INTEGER,              -- pixels, or NULL
@@ -105,52 +110,49 @@ CREATE TABLE entries(
     source_path  TEXT                  -- by-path/<source_path>, or NULL
 );
 
--- One row per distinct object (sha256): the inode all of its names share.
+-- One row per distinct object: the inode every name of it shares.
 CREATE TABLE objects(
-    inode  INTEGER PRIMARY KEY,  -- OBJ_BASE + rank of the object's first appearance in the manifest
-    sha256 TEXT NOT NULL,        -- the object's hash (unique index objects_sha256)
-    entry  INTEGER NOT NULL,     -- entries.id of its first line: attributes, xattrs, object_for_inode
+    inode  INTEGER PRIMARY KEY,  -- OBJ_BASE + entries.id of the object's first line
+    sha256 BLOB NOT NULL,        -- 32 raw bytes (unique index objects_sha256)
+    dir    INTEGER NOT NULL,     -- 0xabcd: its directory images/ab/cd (index objects_dir: readdir order)
     bytes  INTEGER NOT NULL,     -- st_size
-    nlink  INTEGER NOT NULL      -- st_nlink: how many names it has in the tree
+    nlink  INTEGER NOT NULL      -- st_nlink: 1 (images/) + distinct logical ids + source paths
 );
 
--- One row per directory.
-CREATE TABLE dirs(
-    inode  INTEGER PRIMARY KEY,  -- the directory's inode
-    parent INTEGER NOT NULL,     -- inode of '..' (the root is its own parent)
-    nlink  INTEGER NOT NULL,     -- st_nlink: 2 + number of subdirectories
-    entry  INTEGER               -- by-id/<logical_id> dirs: entries.id of the first line with that id
+-- One row per distinct logical id: the by-id/<logical_id> directories, in readdir order.
+CREATE TABLE lids(
+    id INTEGER PRIMARY KEY       -- entries.id of the first line with this logical id
 );
 
--- One row per name (directory entry).
-CREATE TABLE dentries(
-    id     INTEGER PRIMARY KEY,  -- readdir key: stable, increasing within a directory (insertion order)
-    parent INTEGER NOT NULL,     -- inode of the directory holding the name
-    name   BLOB NOT NULL,        -- the name's bytes (UTF-8)
-    inode  INTEGER NOT NULL      -- objects.inode, dirs.inode or MANIFEST_INODE
+-- One row per by-path directory.
+CREATE TABLE pdirs(
+    k        INTEGER PRIMARY KEY,  -- directory number (inode OBJ_BASE + 2E + k), order of first appearance
+    parent_k INTEGER NOT NULL,     -- its parent's k; 0 is by-path itself
+    nlink    INTEGER NOT NULL      -- st_nlink: 2 + subdirectories
+);
+
+-- One row per name under by-path/ (files and directories).
+CREATE TABLE pnames(
+    id       INTEGER PRIMARY KEY,  -- readdir key: stable, increasing within a directory
+    parent_k INTEGER NOT NULL,     -- pdirs.k of the directory holding the name; 0 is by-path itself
+    name     BLOB NOT NULL,        -- the name's bytes (UTF-8)
+    entry    INTEGER,              -- a file: entries.id of its line (NULL for a directory)
+    child_k  INTEGER               -- a directory: its pdirs.k (NULL for a file)
 );
 """
 
-INDEXES = """
-CREATE UNIQUE INDEX dentries_name ON dentries(parent, name);   -- lookup
-CREATE INDEX dentries_parent ON dentries(parent);              -- readdir: (parent, rowid) keyset order
-"""
+INDEXES = (
+    "CREATE UNIQUE INDEX objects_sha256 ON objects(sha256)",          # by_sha256, images/ lookup
+    "CREATE INDEX objects_dir ON objects(dir)",                       # images/ab/cd readdir (dir, inode)
+    "CREATE INDEX entries_logical_id ON entries(logical_id) WHERE logical_id IS NOT NULL",  # by-id
+    "CREATE UNIQUE INDEX pnames_name ON pnames(parent_k, name)",      # by-path lookup; duplicate check
+    "CREATE INDEX pnames_parent ON pnames(parent_k)",                 # by-path readdir (parent_k, id)
+)
 
-_HEX = "'0123456789abcdef'"
-
-
-def _hexdigit(expr: str, pos: int) -> str:
-    return f"(instr({_HEX}, substr({expr}, {pos}, 1)) - 1)"
-
-
-def _hex2(expr: str) -> str:
-    """SQL for int(expr[0:2], 16)."""
-    return f"({_hexdigit(expr, 1)} * 16 + {_hexdigit(expr, 2)})"
-
-
-def _hex4(expr: str) -> str:
-    """SQL for int(expr[0:4], 16)."""
-    return f"({_hex2(expr)} * 256 + {_hexdigit(expr, 3)} * 16 + {_hexdigit(expr, 4)})"
+# int(hex[0:4], 16) of the first two bytes of a BLOB sha256, in SQL.
+_HEXDIGITS = "'0123456789ABCDEF'"
+_DIR_SQL = " + ".join(f"(instr({_HEXDIGITS}, substr(hex(substr(sha256, 1, 2)), {i + 1}, 1)) - 1) * {16 ** (3 - i)}"
+                      for i in range(4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,26 +174,27 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
                 mtime_ns: int | None = None) -> None:
     """Compile `manifest_file` into the index `dest`, atomically.
 
-    `manifest_digest` is the sha256 of the manifest's bytes, recorded in the metadata. `where`
-    names the manifest in error messages (`s3://bucket/key`); `mtime_ns` is the mtime every file and
+    `manifest_digest` is the sha256 of the manifest's bytes, recorded in the metadata. `where` names
+    the manifest in error messages (`s3://bucket/key`); `mtime_ns` is the mtime every file and
     directory of the mount shows (default: the manifest file's own mtime). A bad line raises
-    ManifestError naming `where:LINE`; nothing is left at `dest` on any failure.
+    ManifestError naming `where:LINE`; nothing is left at `dest` (or beside it) on any failure.
     """
     name = where or str(manifest_file)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    stage = tmp.with_name(tmp.name + ".stage")
-    for p in (tmp, stage):
-        p.unlink(missing_ok=True)
-    if mtime_ns is None:
-        try:
-            mtime_ns = manifest_file.stat().st_mtime_ns
-        except OSError as exc:
-            raise ManifestError(f"{name}: cannot read the manifest: {exc.strerror}") from None
+    tmp.unlink(missing_ok=True)
+    try:
+        stat = manifest_file.stat()
+    except OSError as exc:
+        raise ManifestError(f"{name}: cannot read the manifest: {exc.strerror}") from None
     try:
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
-            _build(db, manifest_file, stage, name=name, digest=manifest_digest, mtime_ns=mtime_ns)
+            _build(db, manifest_file, name=name)
+            meta = {"format_version": FORMAT_VERSION, "manifest_sha256": manifest_digest,
+                    "manifest_bytes": stat.st_size, "built_at": time.time_ns(),
+                    "mtime_ns": stat.st_mtime_ns if mtime_ns is None else mtime_ns}
+            db.executemany("INSERT OR REPLACE INTO metadata VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
         finally:
             db.close()
         fd = os.open(tmp, os.O_RDONLY)
@@ -206,10 +209,7 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
         raise ManifestError(f"{name}: cannot build the index at {dest}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-        stage.unlink(missing_ok=True)
-        for suffix in ("-journal", "-wal", "-shm"):
-            Path(str(tmp) + suffix).unlink(missing_ok=True)
-            Path(str(stage) + suffix).unlink(missing_ok=True)
+        Path(f"{tmp}-journal").unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -221,34 +221,20 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _build(db: sqlite3.Connection, manifest_file: Path, stage: Path, *, name: str, digest: str,
-           mtime_ns: int) -> None:
+def _build(db: sqlite3.Connection, manifest_file: Path, *, name: str) -> None:
     db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-32000;"
-                     "PRAGMA temp_store=FILE; PRAGMA page_size=4096;")
+                     "PRAGMA temp_store=FILE;")
     db.executescript(SCHEMA)
-    db.execute("ATTACH DATABASE ? AS stage", (str(stage),))
-    db.executescript(
-        """
-        PRAGMA stage.journal_mode=OFF; PRAGMA stage.synchronous=OFF;
-        -- by-path directories: k is 1-based creation order, parent_k 0 means by-path itself
-        CREATE TABLE stage.pdirs(k INTEGER PRIMARY KEY, parent_k INTEGER NOT NULL, name BLOB NOT NULL);
-        -- by-path files: the entry, its directory k, its base name
-        CREATE TABLE stage.pfiles(entry INTEGER NOT NULL, parent_k INTEGER NOT NULL, name BLOB NOT NULL);
-        """
-    )
-    entries_sql = "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    pdirs: dict[str, int] = {}  # by-path directory path -> k: directories only, never files
+    pdirs: dict[str, int] = {}  # by-path directory -> k: directories only, never files
     rows: list[tuple[Any, ...]] = []
-    prows: list[tuple[int, int, bytes]] = []
-    drows: list[tuple[int, int, bytes]] = []
+    prows: list[tuple[int, bytes, int | None, int | None]] = []
+    drows: list[tuple[int, int, int]] = []
 
     def flush() -> None:
         db.execute("BEGIN")
-        db.executemany(entries_sql, rows)
-        if prows:
-            db.executemany("INSERT INTO stage.pfiles VALUES (?,?,?)", prows)
-        if drows:
-            db.executemany("INSERT INTO stage.pdirs VALUES (?,?,?)", drows)
+        db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        db.executemany("INSERT INTO pnames(parent_k, name, entry, child_k) VALUES (?,?,?,?)", prows)
+        db.executemany("INSERT INTO pdirs VALUES (?,?,?)", drows)
         db.execute("COMMIT")
         rows.clear()
         prows.clear()
@@ -261,149 +247,113 @@ def _build(db: sqlite3.Connection, manifest_file: Path, stage: Path, *, name: st
             parent_k = pdir(head) if head else 0
             k = len(pdirs) + 1
             pdirs[path] = k
-            drows.append((k, parent_k, base.encode()))
+            drows.append((k, parent_k, 2))
+            prows.append((parent_k, base.encode(), None, k))
         return k
 
     n = 0
-    for lineno, e in iter_entries(manifest_file, where=name):
-        rows.append((n, lineno, e.sha256, e.path, e.bytes, e.content_type, e.width, e.height,
-                     e.logical_id, e.etag, e.source_path))
+    for _lineno, e in iter_entries(manifest_file, where=name):
+        rows.append((n, bytes.fromhex(e.sha256), e.bytes, e.content_type, e.width, e.height, e.logical_id,
+                     e.etag, e.source_path))
         src = e.source_path
         if src is not None:
             head, _, base = src.rpartition("/")
-            prows.append((n, pdir(head) if head else 0, base.encode()))
+            prows.append((pdir(head) if head else 0, base.encode(), n, None))
         n += 1
         if len(rows) >= _BATCH:
             flush()
     flush()
-    _derive(db, name=name, pdir_count=len(pdirs))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "manifest_sha256": digest,
-        "manifest_bytes": manifest_file.stat().st_size,
-        "mtime_ns": mtime_ns,
-        "entry_count": n,
-        "built_at": time.time_ns(),
-    }
-    db.executemany("INSERT OR REPLACE INTO metadata VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
-    db.execute("DETACH DATABASE stage")
-    db.execute("PRAGMA optimize")
+    _derive(db, manifest_file, name=name, entry_count=n, pdir_count=len(pdirs))
 
 
-def _first_line(db: sqlite3.Connection, entry: int) -> int:
-    row = db.execute("SELECT lineno FROM entries WHERE id=?", (entry,)).fetchone()
-    return int(row[0]) if row else 0
+def _lineno(manifest_file: Path, entry: int) -> int:
+    """The line number of entry `entry` (0-based, blank lines skipped): only for error messages."""
+    seen = -1
+    with open(manifest_file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                seen += 1
+                if seen == entry:
+                    return lineno
+    return 0
 
 
-def _derive(db: sqlite3.Connection, *, name: str, pdir_count: int) -> None:
-    """Objects, directories, names and link counts, from the loaded `entries` (all in SQL)."""
+def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_count: int, pdir_count: int) -> None:
+    """Objects, logical ids, link counts and indexes, from the loaded tables (all in SQL)."""
     db.execute("BEGIN")
-    # Distinct objects with their first line and how many names each has. A name in by-id is one per
-    # distinct (logical_id, path); in images one per distinct path; in by-path one per line.
+    # Distinct objects. A name in by-id is one per distinct logical id; in by-path one per line.
     db.execute(
-        """CREATE TABLE stage.objs AS
-           SELECT sha256, min(id) AS first, min(bytes) AS lo, max(bytes) AS hi, count(DISTINCT path) AS npaths,
-                  count(DISTINCT path) + count(DISTINCT logical_id || '/' || path) + count(source_path) AS nlink
-           FROM entries GROUP BY sha256"""
+        f"""INSERT INTO objects(inode, sha256, dir, bytes, nlink)
+            SELECT {OBJ_BASE} + min(id), sha256, {_DIR_SQL}, min(bytes),
+                   CASE WHEN min(bytes) = max(bytes) AND min(content_type) = max(content_type)
+                        THEN 1 + count(DISTINCT logical_id) + count(source_path) ELSE -1 END
+            FROM entries GROUP BY sha256 ORDER BY min(id)"""
     )
-    bad = db.execute("SELECT sha256, first, lo, hi FROM stage.objs WHERE lo != hi LIMIT 1").fetchone()
-    if bad:
-        other = db.execute("SELECT lineno, bytes FROM entries WHERE sha256=? AND bytes!=? ORDER BY id LIMIT 1",
-                           (bad[0], db.execute("SELECT bytes FROM entries WHERE id=?", (bad[1],)).fetchone()[0])
-                           ).fetchone()
-        raise ManifestError(f"{name}:{other[0]}: bytes: {other[1]} differs from line {_first_line(db, bad[1])}, "
-                            "which gives another size for the same sha256")
-    db.execute(
-        f"""INSERT INTO objects(inode, sha256, entry, bytes, nlink)
-            SELECT {OBJ_BASE} - 1 + row_number() OVER (ORDER BY first), sha256, first, lo, nlink
-            FROM stage.objs ORDER BY first"""
-    )
-    db.execute("CREATE UNIQUE INDEX objects_sha256 ON objects(sha256)")
     n_objects = db.execute("SELECT count(*) FROM objects").fetchone()[0]
-    iddir_base = OBJ_BASE + n_objects
-
-    db.execute(
-        f"""CREATE TABLE stage.lids AS
-            SELECT CAST(logical_id AS BLOB) AS name,
-                   {iddir_base} - 1 + row_number() OVER (ORDER BY min(id)) AS inode, min(id) AS first
-            FROM entries WHERE logical_id IS NOT NULL GROUP BY logical_id"""
-    )
-    db.execute("CREATE UNIQUE INDEX stage.lids_name ON lids(name)")
-    n_lids = db.execute("SELECT count(*) FROM stage.lids").fetchone()[0]
-    pdir_base = iddir_base + n_lids
-
-    # by-path conflicts: a source_path named twice, or one that is also a directory of another.
-    dup = db.execute("SELECT min(entry), max(entry) FROM stage.pfiles GROUP BY parent_k, name "
-                     "HAVING count(*) > 1 LIMIT 1").fetchone()
-    if dup:
-        src = db.execute("SELECT source_path FROM entries WHERE id=?", (dup[1],)).fetchone()[0]
-        raise ManifestError(f"{name}:{_first_line(db, dup[1])}: source_path: {src!r} is already named on line "
-                            f"{_first_line(db, dup[0])}")
-    db.execute("CREATE INDEX stage.pdirs_name ON pdirs(parent_k, name)")
-    clash = db.execute("SELECT f.entry FROM stage.pfiles f JOIN stage.pdirs d "
-                       "ON d.parent_k = f.parent_k AND d.name = f.name LIMIT 1").fetchone()
-    if clash:
-        src = db.execute("SELECT source_path FROM entries WHERE id=?", (clash[0],)).fetchone()[0]
-        raise ManifestError(f"{name}:{_first_line(db, clash[0])}: source_path: {src!r} is also a directory "
-                            "of another source_path")
-
-    ins = "INSERT INTO dentries(parent, name, inode) "
-    db.executemany("INSERT INTO dentries(parent, name, inode) VALUES (?,?,?)",
-                   [(ROOT_INODE, n, i) for n, i in ROOT_NAMES])
-    # images/ab and images/ab/cd
-    db.execute(ins + f"SELECT {IMAGES_INODE}, CAST(p AS BLOB), {AB_BASE} + {_hex2('p')} FROM "
-               "(SELECT DISTINCT substr(sha256, 1, 2) AS p FROM objects ORDER BY 1)")
-    db.execute(ins + f"SELECT {AB_BASE} + {_hex2('p')}, CAST(substr(p, 3, 2) AS BLOB), {ABCD_BASE} + {_hex4('p')} "
-               "FROM (SELECT DISTINCT substr(sha256, 1, 4) AS p FROM objects ORDER BY 1)")
-    # images/ab/cd/<sha>.<ext>: the path of each object's first line ...
-    db.execute(ins + f"SELECT {ABCD_BASE} + {_hex4('o.sha256')}, CAST(substr(e.path, {_PATH_PREFIX_LEN + 1}) "
-               "AS BLOB), o.inode FROM objects o JOIN entries e ON e.id = o.entry ORDER BY o.inode")
-    # ... and any other path of the same sha256 (another content type: rare)
-    db.execute(ins + f"SELECT {ABCD_BASE} + {_hex4('e.sha256')}, CAST(substr(e.path, {_PATH_PREFIX_LEN + 1}) "
-               "AS BLOB), o.inode FROM stage.objs s JOIN entries e ON e.sha256 = s.sha256 "
-               "JOIN objects o ON o.sha256 = s.sha256 JOIN entries f ON f.id = o.entry "
-               "WHERE s.npaths > 1 AND e.path != f.path GROUP BY e.path ORDER BY min(e.id)")
-    # by-id/<logical_id> and by-id/<logical_id>/<sha>.<ext>
-    db.execute(ins + f"SELECT {BY_ID_INODE}, name, inode FROM stage.lids ORDER BY inode")
-    db.execute(ins + f"SELECT l.inode, CAST(substr(e.path, {_PATH_PREFIX_LEN + 1}) AS BLOB), o.inode "
-               "FROM entries e JOIN stage.lids l ON l.name = CAST(e.logical_id AS BLOB) "
-               "JOIN objects o ON o.sha256 = e.sha256 WHERE e.logical_id IS NOT NULL "
-               "GROUP BY l.inode, e.path ORDER BY min(e.id)")
-    # by-path directories and files
-    db.execute(ins + f"SELECT CASE parent_k WHEN 0 THEN {BY_PATH_INODE} ELSE {pdir_base} - 1 + parent_k END, "
-               f"name, {pdir_base} - 1 + k FROM stage.pdirs ORDER BY k")
-    db.execute(ins + f"SELECT CASE f.parent_k WHEN 0 THEN {BY_PATH_INODE} ELSE {pdir_base} - 1 + f.parent_k END, "
-               "f.name, o.inode FROM stage.pfiles f JOIN entries e ON e.id = f.entry "
-               "JOIN objects o ON o.sha256 = e.sha256 ORDER BY f.entry")
-    for statement in INDEXES.split(";"):
-        if statement.strip():
+    bad = db.execute("SELECT sha256 FROM objects WHERE nlink < 0 ORDER BY inode LIMIT 1").fetchone()
+    if bad is not None:
+        first, other = db.execute(
+            "SELECT f.id, e.id FROM entries f JOIN entries e ON e.sha256 = f.sha256 WHERE f.sha256=? AND "
+            "f.id = (SELECT min(id) FROM entries WHERE sha256=?) AND (e.bytes != f.bytes OR "
+            "e.content_type != f.content_type) ORDER BY e.id LIMIT 1", (bad[0], bad[0])).fetchone()
+        raise ManifestError(f"{name}:{_lineno(manifest_file, other)}: sha256 {bytes(bad[0]).hex()} has another "
+                            f"size or content_type on line {_lineno(manifest_file, first)}")
+    for statement in INDEXES:
+        try:
             db.execute(statement)
-
-    # Directories: every dentry whose inode is not an object or the manifest, plus the root.
-    obj_end = OBJ_BASE + n_objects
-    db.execute(f"INSERT INTO dirs(inode, parent, nlink) VALUES ({ROOT_INODE}, {ROOT_INODE}, 2)")
-    db.execute(f"INSERT INTO dirs(inode, parent, nlink) SELECT inode, parent, 2 FROM dentries "
-               f"WHERE inode != {MANIFEST_INODE} AND (inode < {OBJ_BASE} OR inode >= {obj_end}) ORDER BY inode")
-    db.execute("CREATE TABLE stage.sub AS SELECT parent, count(*) AS n FROM dirs WHERE inode != parent "
-               "GROUP BY parent")
-    db.execute("UPDATE dirs SET nlink = 2 + sub.n FROM stage.sub AS sub WHERE dirs.inode = sub.parent")
-    db.execute("UPDATE dirs SET entry = lids.first FROM stage.lids AS lids WHERE dirs.inode = lids.inode")
-    meta = {"object_count": n_objects, "obj_base": OBJ_BASE, "iddir_base": iddir_base, "pdir_base": pdir_base,
+        except sqlite3.IntegrityError:
+            _explain_pnames_conflict(db, manifest_file, name)
+            raise
+    db.execute("INSERT INTO lids(id) SELECT min(id) FROM entries WHERE logical_id IS NOT NULL "
+               "GROUP BY logical_id ORDER BY 1")
+    n_lids = db.execute("SELECT count(*) FROM lids").fetchone()[0]
+    db.execute("UPDATE pdirs SET nlink = 2 + sub.n FROM (SELECT parent_k, count(*) AS n FROM pdirs "
+               "GROUP BY parent_k) AS sub WHERE pdirs.k = sub.parent_k")
+    meta = {"entry_count": entry_count, "object_count": n_objects, "logical_id_count": n_lids,
             "pdir_count": pdir_count}
     db.executemany("INSERT INTO metadata VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
     db.execute("COMMIT")
+
+
+def _explain_pnames_conflict(db: sqlite3.Connection, manifest_file: Path, name: str) -> None:
+    """Raise ManifestError for the first by-path name given twice (a file twice, or a file and a directory)."""
+    row = db.execute("SELECT parent_k, name FROM pnames GROUP BY parent_k, name HAVING count(*) > 1 "
+                     "ORDER BY min(id) LIMIT 1").fetchone()
+    if row is None:
+        return
+    rows = db.execute("SELECT entry, child_k FROM pnames WHERE parent_k=? AND name=? ORDER BY id", row).fetchall()
+    files = [r[0] for r in rows if r[0] is not None]
+    src = db.execute("SELECT source_path FROM entries WHERE id=?", (files[-1],)).fetchone()[0]
+    line = _lineno(manifest_file, files[-1])
+    if len(files) > 1:
+        raise ManifestError(f"{name}:{line}: source_path: {src!r} is already named on line "
+                            f"{_lineno(manifest_file, files[0])}")
+    raise ManifestError(f"{name}:{line}: source_path: {src!r} is also a directory of another source_path")
 
 
 # ----------------------------------------------------------------------------------------------
 # Serving
 # ----------------------------------------------------------------------------------------------
 
-_ENTRY_COLUMNS = "sha256, path, bytes, content_type, width, height, logical_id, etag, source_path"
+_ENTRY_COLUMNS = "sha256, bytes, content_type, width, height, logical_id, etag, source_path"
 
 
-def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(sha256=row[0], path=row[1], bytes=row[2], content_type=row[3], width=row[4], height=row[5],
-                 logical_id=row[6], etag=row[7], source_path=row[8])
+def _entry(row: tuple[Any, ...] | sqlite3.Row) -> Entry:
+    sha = bytes(row[0]).hex()
+    ctype = row[2]
+    return Entry(sha256=sha, path=f"images/{sha[0:2]}/{sha[2:4]}/{sha}.{extension_for(ctype)}", bytes=row[1],
+                 content_type=ctype, width=row[3], height=row[4], logical_id=row[5], etag=row[6],
+                 source_path=row[7])
+
+
+def _sha_from_name(name: bytes) -> tuple[bytes, bytes] | None:
+    """(raw sha256, ext) of a `<sha256>.<ext>` name, or None."""
+    if len(name) < 66 or name[64:65] != b".":
+        return None
+    try:
+        return bytes.fromhex(name[:64].decode("ascii")), name[65:]
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 class Index:
@@ -416,13 +366,16 @@ class Index:
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
-        self.metadata = {k: v for k, v in self._db().execute("SELECT key, value FROM metadata")}
+        self.metadata: dict[str, str] = dict(self._db().execute("SELECT key, value FROM metadata").fetchall())
         self.manifest_sha256 = self.metadata.get("manifest_sha256", "")
         self.mtime_ns = int(self.metadata.get("mtime_ns", "0"))
         self.manifest_bytes = int(self.metadata.get("manifest_bytes", "0"))
-        self._entry_count = int(self.metadata.get("entry_count", "0"))
-        self._object_count = int(self.metadata.get("object_count", "0"))
-        self._obj_end = OBJ_BASE + self._object_count
+        self._entries = int(self.metadata.get("entry_count", "0"))
+        self._objects = int(self.metadata.get("object_count", "0"))
+        self._lids = int(self.metadata.get("logical_id_count", "0"))
+        self._pdirs = int(self.metadata.get("pdir_count", "0"))
+        self.iddir_base = OBJ_BASE + self._entries
+        self.pdir_base = OBJ_BASE + 2 * self._entries
 
     @classmethod
     def open(cls, path: Path, *, manifest_digest: str | None = None) -> Index:
@@ -450,7 +403,7 @@ class Index:
             if self._closed:
                 raise S3fsimgError(f"{self.path}: the index is closed")
             conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA cache_size=-8000")  # 8 MB of page cache per thread
+            conn.execute("PRAGMA cache_size=-8000")  # at most 8 MB of page cache per thread
             conn.execute("PRAGMA query_only=1")
             self._local.conn = conn
             with self._lock:
@@ -471,77 +424,261 @@ class Index:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- tree ----------------------------------------------------------------------------------
+    # -- inode classes -------------------------------------------------------------------------
     def is_object(self, inode: int) -> bool:
-        return OBJ_BASE <= inode < self._obj_end
+        return OBJ_BASE <= inode < self.iddir_base
 
+    def _iddir_entry(self, inode: int) -> int | None:
+        """The entry id of a by-id directory inode, or None when `inode` is not one."""
+        if self.iddir_base <= inode < self.pdir_base:
+            i = inode - self.iddir_base
+            if self._db().execute("SELECT 1 FROM lids WHERE id=?", (i,)).fetchone():
+                return i
+        return None
+
+    def _pdir_k(self, inode: int) -> int | None:
+        """k of a by-path directory inode (0 for by-path itself), or None."""
+        if inode == BY_PATH_INODE:
+            return 0
+        k = inode - self.pdir_base
+        return k if 1 <= k <= self._pdirs else None
+
+    def _abcd_exists(self, lo: int, hi: int) -> int | None:
+        row = self._db().execute("SELECT min(dir) FROM objects WHERE dir >= ? AND dir < ?", (lo, hi)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    # -- tree ----------------------------------------------------------------------------------
     def lookup(self, parent_inode: int, name: bytes) -> int | None:
         """The inode of `name` in directory `parent_inode`, or None."""
+        db = self._db()
         if name == b".":
-            return parent_inode if self.getattr(parent_inode) is not None else None
+            attr = self.getattr(parent_inode)
+            return parent_inode if attr is not None and attr.is_dir else None
         if name == b"..":
-            row = self._db().execute("SELECT parent FROM dirs WHERE inode=?", (parent_inode,)).fetchone()
-            return int(row[0]) if row else None
-        row = self._db().execute("SELECT inode FROM dentries WHERE parent=? AND name=?",
-                                 (parent_inode, name)).fetchone()
-        return int(row[0]) if row else None
+            return self.parent(parent_inode)
+        if parent_inode == ROOT_INODE:
+            return dict(ROOT_NAMES).get(name)
+        if parent_inode == IMAGES_INODE or AB_BASE <= parent_inode < ABCD_BASE:
+            if len(name) != 2:
+                return None
+            try:
+                v = int(name, 16)
+            except ValueError:
+                return None
+            if name != name.lower() or not name.isalnum():
+                return None
+            if parent_inode == IMAGES_INODE:
+                return AB_BASE + v if self._abcd_exists(v << 8, (v + 1) << 8) is not None else None
+            d = ((parent_inode - AB_BASE) << 8) + v
+            return ABCD_BASE + d if self._abcd_exists(d, d + 1) is not None else None
+        if ABCD_BASE <= parent_inode < ABCD_BASE + 65536:
+            parsed = _sha_from_name(name)
+            if parsed is None:
+                return None
+            row = db.execute("SELECT o.inode, o.dir, e.content_type FROM objects o JOIN entries e "
+                             f"ON e.id = o.inode - {OBJ_BASE} WHERE o.sha256=?", (parsed[0],)).fetchone()
+            if row is None or row[1] != parent_inode - ABCD_BASE or extension_for(row[2]).encode() != parsed[1]:
+                return None
+            return int(row[0])
+        if parent_inode == BY_ID_INODE:
+            try:
+                lid = name.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            row = db.execute("SELECT min(id) FROM entries WHERE logical_id=?", (lid,)).fetchone()
+            return None if row[0] is None else self.iddir_base + int(row[0])
+        first = self._iddir_entry(parent_inode)
+        if first is not None:
+            parsed = _sha_from_name(name)
+            if parsed is None:
+                return None
+            for (ctype,) in db.execute("SELECT content_type FROM entries WHERE logical_id = "
+                                       "(SELECT logical_id FROM entries WHERE id=?) AND sha256=?",
+                                       (first, parsed[0])):
+                if extension_for(ctype).encode() == parsed[1]:
+                    row = db.execute("SELECT inode FROM objects WHERE sha256=?", (parsed[0],)).fetchone()
+                    return int(row[0]) if row else None
+            return None
+        k = self._pdir_k(parent_inode)
+        if k is not None:
+            row = db.execute("SELECT p.child_k, o.inode FROM pnames p LEFT JOIN entries e ON e.id = p.entry "
+                             "LEFT JOIN objects o ON o.sha256 = e.sha256 WHERE p.parent_k=? AND p.name=?",
+                             (k, name)).fetchone()
+            if row is None:
+                return None
+            return self.pdir_base + int(row[0]) if row[0] is not None else int(row[1])
+        return None
+
+    def parent(self, inode: int) -> int | None:
+        """The inode of '..' of directory `inode` (the root is its own parent), or None."""
+        if inode in (ROOT_INODE, IMAGES_INODE, BY_ID_INODE, BY_PATH_INODE):
+            return ROOT_INODE
+        if AB_BASE <= inode < ABCD_BASE:
+            return IMAGES_INODE if self.getattr(inode) else None
+        if ABCD_BASE <= inode < ABCD_BASE + 65536:
+            return AB_BASE + ((inode - ABCD_BASE) >> 8) if self.getattr(inode) else None
+        if self._iddir_entry(inode) is not None:
+            return BY_ID_INODE
+        k = self._pdir_k(inode)
+        if k:
+            row = self._db().execute("SELECT parent_k FROM pdirs WHERE k=?", (k,)).fetchone()
+            return BY_PATH_INODE if row[0] == 0 else self.pdir_base + int(row[0])
+        return None
 
     def getattr(self, inode: int) -> Attr | None:
         """Attributes of `inode`, or None when there is no such inode."""
         db = self._db()
         if self.is_object(inode):
             row = db.execute("SELECT bytes, nlink, sha256 FROM objects WHERE inode=?", (inode,)).fetchone()
-            return Attr(inode, False, row[0], row[1], row[2]) if row else None
+            return Attr(inode, False, row[0], row[1], bytes(row[2]).hex()) if row else None
         if inode == MANIFEST_INODE:
             return Attr(inode, False, self.manifest_bytes, 1)
-        row = db.execute("SELECT nlink FROM dirs WHERE inode=?", (inode,)).fetchone()
-        return Attr(inode, True, 0, row[0]) if row else None
+        if inode == ROOT_INODE:
+            return Attr(inode, True, 0, 5)
+        if inode in (IMAGES_INODE, BY_ID_INODE, BY_PATH_INODE):
+            if inode == IMAGES_INODE:
+                nlink = 2 + self._count_ab()
+            elif inode == BY_ID_INODE:
+                nlink = 2 + self._lids
+            else:
+                nlink = 2 + int(db.execute("SELECT count(*) FROM pdirs WHERE parent_k=0").fetchone()[0])
+            return Attr(inode, True, 0, nlink)
+        if AB_BASE <= inode < ABCD_BASE:
+            ab = inode - AB_BASE
+            if self._abcd_exists(ab << 8, (ab + 1) << 8) is None:
+                return None
+            n = db.execute("SELECT count(DISTINCT dir) FROM objects WHERE dir >= ? AND dir < ?",
+                           (ab << 8, (ab + 1) << 8)).fetchone()[0]
+            return Attr(inode, True, 0, 2 + int(n))
+        if ABCD_BASE <= inode < ABCD_BASE + 65536:
+            d = inode - ABCD_BASE
+            return Attr(inode, True, 0, 2) if self._abcd_exists(d, d + 1) is not None else None
+        if self._iddir_entry(inode) is not None:
+            return Attr(inode, True, 0, 2)
+        k = self._pdir_k(inode)
+        if k:
+            row = db.execute("SELECT nlink FROM pdirs WHERE k=?", (k,)).fetchone()
+            return Attr(inode, True, 0, int(row[0])) if row else None
+        return None
+
+    def _count_ab(self) -> int:
+        return sum(1 for _ in self._ab_keys(0))
+
+    def _ab_keys(self, after: int) -> Iterator[int]:
+        """The ab values (0..255) of existing images/ab directories, greater than or equal to `after`."""
+        ab = after
+        while ab < 256:
+            d = self._abcd_exists(ab << 8, 1 << 16)
+            if d is None:
+                return
+            ab = d >> 8
+            yield ab
+            ab += 1
 
     def readdir(self, inode: int, after: int = 0) -> Iterator[tuple[bytes, int, int]]:
         """(name, inode, next_key) of directory `inode` whose key is greater than `after`, in key order.
-        Pass the last next_key back as `after` to continue. Fetches a page at a time."""
+        Pass the last next_key back as `after` to continue. Queries a page at a time."""
         for name, attr, key in self.readdir_attrs(inode, after):
             yield name, attr.inode, key
 
     def readdir_attrs(self, inode: int, after: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
-        """Like readdir, with each child's attributes (one query per page, for readdirplus)."""
+        """Like readdir, with each child's attributes (for readdirplus: no lookup per name)."""
         db = self._db()
-        while True:
+        if inode == ROOT_INODE:
+            for i, (name, child) in enumerate(ROOT_NAMES):
+                if i + 1 > after:
+                    attr = self.getattr(child)
+                    assert attr is not None
+                    yield name, attr, i + 1
+            return
+        if inode == IMAGES_INODE:
+            for ab in self._ab_keys(after):
+                attr = self.getattr(AB_BASE + ab)
+                if attr is not None:
+                    yield f"{ab:02x}".encode(), attr, ab + 1
+            return
+        if AB_BASE <= inode < ABCD_BASE:
+            ab = inode - AB_BASE
+            cd = after
+            while cd < 256:
+                d = self._abcd_exists((ab << 8) + cd, (ab + 1) << 8)
+                if d is None:
+                    return
+                cd = d & 0xFF
+                yield f"{cd:02x}".encode(), Attr(ABCD_BASE + d, True, 0, 2), cd + 1
+                cd += 1
+            return
+        if ABCD_BASE <= inode < ABCD_BASE + 65536:
+            while True:
+                rows = db.execute(f"SELECT o.inode, o.bytes, o.nlink, o.sha256, e.content_type FROM objects o "
+                                  f"JOIN entries e ON e.id = o.inode - {OBJ_BASE} WHERE o.dir=? AND o.inode>? "
+                                  "ORDER BY o.inode LIMIT ?", (inode - ABCD_BASE, after, _PAGE)).fetchall()
+                for child, size, nlink, sha, ctype in rows:
+                    hexsha = bytes(sha).hex()
+                    yield f"{hexsha}.{extension_for(ctype)}".encode(), Attr(child, False, size, nlink, hexsha), child
+                if len(rows) < _PAGE:
+                    return
+                after = rows[-1][0]
+        if inode == BY_ID_INODE:
+            while True:
+                rows = db.execute("SELECT l.id, e.logical_id FROM lids l JOIN entries e ON e.id = l.id "
+                                  "WHERE l.id >= ? ORDER BY l.id LIMIT ?", (after, _PAGE)).fetchall()
+                for i, lid in rows:
+                    yield lid.encode("utf-8"), Attr(self.iddir_base + i, True, 0, 2), i + 1
+                if len(rows) < _PAGE:
+                    return
+                after = rows[-1][0] + 1
+        first = self._iddir_entry(inode)
+        if first is not None:
+            # The files of by-id/<id>: one per distinct object among the lines with that id.
             rows = db.execute(
-                "SELECT d.id, d.name, d.inode, o.bytes, o.nlink, o.sha256, r.nlink FROM dentries d "
-                "LEFT JOIN objects o ON o.inode = d.inode LEFT JOIN dirs r ON r.inode = d.inode "
-                "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (inode, after, _READDIR_PAGE)).fetchall()
-            for key, name, child, size, nlink, sha, dnlink in rows:
-                if size is not None:
-                    attr = Attr(child, False, size, nlink, sha)
-                elif child == MANIFEST_INODE:
-                    attr = Attr(child, False, self.manifest_bytes, 1)
-                else:
-                    attr = Attr(child, True, 0, dnlink or 2)
-                yield bytes(name), attr, key
-            if len(rows) < _READDIR_PAGE:
-                return
-            after = rows[-1][0]
-
-    def child_count(self, inode: int) -> int:
-        row = self._db().execute("SELECT count(*) FROM dentries WHERE parent=?", (inode,)).fetchone()
-        return int(row[0])
+                "SELECT e.id, e.sha256, e.content_type, o.inode, o.bytes, o.nlink FROM entries e "
+                "JOIN objects o ON o.sha256 = e.sha256 WHERE e.logical_id = "
+                "(SELECT logical_id FROM entries WHERE id=?) AND e.id >= ? ORDER BY e.id",
+                (first, max(after - 1, 0))).fetchall()
+            seen: set[bytes] = set()
+            for i, sha, ctype, child, size, nlink in rows:
+                hexsha = bytes(sha).hex()
+                name = f"{hexsha}.{extension_for(ctype)}".encode()
+                if name in seen or db.execute("SELECT 1 FROM entries WHERE logical_id = (SELECT logical_id FROM "
+                                              "entries WHERE id=?) AND sha256=? AND id<? LIMIT 1",
+                                              (first, sha, i)).fetchone():
+                    continue
+                seen.add(name)
+                yield name, Attr(child, False, size, nlink, hexsha), i + 1
+            return
+        k = self._pdir_k(inode)
+        if k is not None:
+            while True:
+                rows = db.execute(
+                    "SELECT p.id, p.name, p.child_k, o.inode, o.bytes, o.nlink, o.sha256, d.nlink FROM pnames p "
+                    "LEFT JOIN entries e ON e.id = p.entry LEFT JOIN objects o ON o.sha256 = e.sha256 "
+                    "LEFT JOIN pdirs d ON d.k = p.child_k WHERE p.parent_k=? AND p.id>? ORDER BY p.id LIMIT ?",
+                    (k, after, _PAGE)).fetchall()
+                for key, name, child_k, child, size, nlink, sha, dnlink in rows:
+                    if child_k is not None:
+                        attr = Attr(self.pdir_base + child_k, True, 0, dnlink)
+                    else:
+                        attr = Attr(child, False, size, nlink, bytes(sha).hex())
+                    yield bytes(name), attr, key
+                if len(rows) < _PAGE:
+                    return
+                after = rows[-1][0]
 
     # -- objects and entries -------------------------------------------------------------------
     def object_for_inode(self, inode: int) -> Entry:
         """The manifest entry (first line) of the object `inode`; NotFound if it is not an object."""
         row = None
         if self.is_object(inode):
-            row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = "
-                                     "(SELECT entry FROM objects WHERE inode=?)", (inode,)).fetchone()
+            row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=? AND "
+                                     "EXISTS (SELECT 1 FROM objects WHERE inode=?)",
+                                     (inode - OBJ_BASE, inode)).fetchone()
         if row is None:
             raise NotFound(f"inode {inode}: not an object of this manifest")
         return _entry(row)
 
     def xattrs(self, inode: int) -> dict[str, bytes]:
         """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others."""
-        if not self.is_object(inode):
-            return {}
         try:
             e = self.object_for_inode(inode)
         except NotFound:
@@ -551,30 +688,38 @@ class Index:
         return {f"user.s3fsimg.{k}": str(v).encode() for k, v in values.items() if v is not None}
 
     def by_sha256(self, sha256: str) -> Entry | None:
+        """The first entry of the object with this hash."""
+        try:
+            raw = bytes.fromhex(sha256)
+        except ValueError:
+            return None
         row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = "
-                                 "(SELECT entry FROM objects WHERE sha256=?)", (sha256,)).fetchone()
+                                 f"(SELECT inode - {OBJ_BASE} FROM objects WHERE sha256=?)", (raw,)).fetchone()
         return _entry(row) if row else None
 
     def by_logical_id(self, logical_id: str) -> Entry | None:
         """The first entry with this logical id."""
-        row = self._db().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = (SELECT r.entry FROM dentries d "
-            "JOIN dirs r ON r.inode = d.inode WHERE d.parent=? AND d.name=?)",
-            (BY_ID_INODE, logical_id.encode("utf-8", "surrogatepass"))).fetchone()
+        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = "
+                                 "(SELECT min(id) FROM entries WHERE logical_id=?)", (logical_id,)).fetchone()
         return _entry(row) if row else None
 
     def inode_for_sha256(self, sha256: str) -> int | None:
-        row = self._db().execute("SELECT inode FROM objects WHERE sha256=?", (sha256,)).fetchone()
+        row = self._db().execute("SELECT inode FROM objects WHERE sha256=?", (bytes.fromhex(sha256),)).fetchone()
         return int(row[0]) if row else None
 
     def entry_count(self) -> int:
-        return self._entry_count
+        return self._entries
 
     def object_count(self) -> int:
-        return self._object_count
+        return self._objects
 
-    def dir_count(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM dirs").fetchone()[0])
+    def logical_id_count(self) -> int:
+        return self._lids
+
+    def name_count(self) -> int:
+        """Files in the tree: one per object under images/, per (logical id, object), per source_path."""
+        row = self._db().execute("SELECT sum(nlink) FROM objects").fetchone()
+        return int(row[0] or 0) + 1  # + manifest.jsonl
 
     def iter_entries(self) -> Iterator[Entry]:
         """Every entry in manifest order, a page at a time."""
