@@ -1,0 +1,262 @@
+"""The write side end to end: upload a generated dataset to the local S3 server through the counting
+proxy, validate it, re-upload (no PUT), survive SIGKILL, refuse a bad map, and fail clearly (no
+traceback, no secret) on wrong credentials, an unreachable endpoint and a missing bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3fsimg.manifest import parse_line
+from tests.lab.images import SampleSet, make_dataset
+from tests.lab.moto import free_port
+from tests.lab.proxy import LabProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "s3fsimg", *args], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def bucket_objects(client: Any, bucket: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = obj
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_upload_validate_reupload(sample_dir: SampleSet, s3_env: dict[str, str], proxy: LabProxy,
+                                  moto_client: Any, bucket: str) -> None:
+    env = {**s3_env, "DATASET_LOGICAL_MAP": str(sample_dir.map_path)}
+    proc = cli(env, "upload", str(sample_dir.root))
+    assert proc.returncode == 0, proc.stderr
+    distinct = sample_dir.distinct_images
+    assert f"uploaded {len(distinct)} objects" in proc.stdout
+    for f in sample_dir.non_images:
+        assert f"skipped {f.rel}: not an image" in proc.stderr
+
+    objects = bucket_objects(moto_client, bucket)
+    image_keys = {k for k in objects if k.startswith("images/")}
+    assert image_keys == {f.s3_path for f in distinct.values()}
+    for f in list(distinct.values())[:20]:
+        head = moto_client.head_object(Bucket=bucket, Key=f.s3_path)
+        assert head["ContentType"] == f.content_type
+        assert head["ContentLength"] == f.size
+    manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+    entries = [parse_line(line) for line in manifest.splitlines()]
+    assert len(entries) == len(sample_dir.images)  # one line per name, copies included
+    by_src = {e.source_path: e for e in entries}
+    for f in sample_dir.images:
+        e = by_src[f.rel]
+        assert (e.sha256, e.bytes, e.content_type, e.width, e.height) == (
+            f.sha256, f.size, f.content_type, f.width, f.height)
+        assert e.logical_id == f.logical_id
+        assert e.etag == objects[e.path]["ETag"]
+
+    assert cli(env, "validate").returncode == 0
+    checked = cli(env, "validate", "--check-objects")
+    assert checked.returncode == 0, checked.stderr
+
+    proxy.reset()
+    again = cli(env, "upload", str(sample_dir.root))
+    assert again.returncode == 0, again.stderr
+    assert proxy.get_count("PUT", "images/") == 0
+    assert proxy.get_count("PUT") == 0  # the manifest is unchanged too
+    assert "uploaded 0 objects" in again.stdout
+
+
+def test_manifest_command_is_stable_and_offline(sample_dir: SampleSet, tmp_path: Path) -> None:
+    env = {"DATASET_LOGICAL_MAP": str(sample_dir.map_path), "S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert cli(env, "manifest", str(sample_dir.root), "--out", str(a)).returncode == 0
+    assert cli(env, "manifest", str(sample_dir.root), "--out", str(b)).returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert cli({}, "validate", str(a)).returncode == 0
+
+
+def test_symlinks_do_not_lead_outside(tmp_path: Path) -> None:
+    inside = make_dataset(tmp_path / "d", n=3, seed=3, decoys=False, map_fraction=0, odd_names=False)
+    outside = make_dataset(tmp_path / "outside", n=2, seed=4, decoys=False, map_fraction=0, odd_names=False)
+    (inside.root / "escape").symlink_to(outside.root)
+    (inside.root / "loop").symlink_to(inside.root)
+    out = tmp_path / "m.jsonl"
+    proc = cli({}, "manifest", str(inside.root), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped escape: symlink leads outside DIR" in proc.stderr
+    sources = [parse_line(line).source_path for line in out.read_text().splitlines()]
+    assert not any(s and s.startswith("escape") for s in sources)
+    assert sorted(s for s in sources if s and not s.startswith("loop")) == sorted(f.rel for f in inside.images)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("filename,logical_id\ncats/a.jpg,DAO-1,extra\n", ":2: expected 2 columns"),
+        ("filename,logical_id\ncats/a.jpg,bad/id\n", ":2: logical_id 'bad/id' contains '/'"),
+        ("x.jpg,DAO-1\nx.jpg,DAO-2\n", ":2: 'x.jpg' is ambiguous"),
+        ("filename,logical_id\n/etc/x.jpg,DAO-1\n", ":2: filename '/etc/x.jpg' is absolute"),
+    ],
+)
+def test_invalid_logical_map_uploads_nothing(sample_dir: SampleSet, s3_env: dict[str, str], proxy: LabProxy,
+                                             tmp_path: Path, content: str, message: str) -> None:
+    bad_map = tmp_path / "map.csv"
+    bad_map.write_text(content)
+    proxy.reset()
+    proc = cli({**s3_env, "DATASET_LOGICAL_MAP": str(bad_map)}, "upload", str(sample_dir.root))
+    assert proc.returncode == 1
+    assert f"{bad_map}{message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proxy.counts()["requests"] == 0
+
+
+def test_basename_matching_two_files_is_ambiguous(tmp_path: Path) -> None:
+    d = make_dataset(tmp_path / "d", n=2, seed=5, decoys=False, map_fraction=0, odd_names=False)
+    first = d.images[0]
+    twin = d.root / "other" / Path(first.rel).name
+    twin.parent.mkdir()
+    twin.write_bytes(first.path.read_bytes())
+    m = tmp_path / "map.csv"
+    m.write_text(f"filename,logical_id\n{Path(first.rel).name},DAO-7\n")
+    proc = cli({"DATASET_LOGICAL_MAP": str(m)}, "manifest", str(d.root), "--out", str(tmp_path / "o.jsonl"))
+    assert proc.returncode == 1
+    assert f"{m}:2: '{Path(first.rel).name}' is ambiguous" in proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_killed_upload_is_completed_by_rerun_and_never_exposes_a_dangling_manifest(
+    tmp_path: Path, s3_env: dict[str, str], proxy: LabProxy, moto_client: Any, bucket: str
+) -> None:
+    data = make_dataset(tmp_path / "d", n=150, seed=9, map_fraction=0)
+    first = tmp_path / "first"
+    first.mkdir()
+    for f in data.images[:10]:  # an earlier, smaller dataset: a manifest is already in the bucket
+        (first / f.rel.replace("/", "_")).write_bytes(f.path.read_bytes())
+    assert cli(s3_env, "upload", str(first)).returncode == 0
+
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                body = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+            except Exception:
+                continue
+            keys = set(bucket_objects(moto_client, bucket))
+            for line in body.splitlines():
+                path = json.loads(line)["path"]
+                if path not in keys:
+                    problems.append(path)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        proxy.add_fault("latency_ms", 40, methods=["PUT"])
+        proc = subprocess.Popen([sys.executable, "-m", "s3fsimg", "upload", str(data.root), "--workers", "4"],
+                                env={**os.environ, **s3_env}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while proxy.get_count("PUT", "images/") < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proxy.clear_faults()
+        uploaded_before = len([k for k in bucket_objects(moto_client, bucket) if k.startswith("images/")])
+        assert uploaded_before < len(data.distinct_images)  # it really was cut part-way
+
+        rerun = cli(s3_env, "upload", str(data.root))
+        assert rerun.returncode == 0, rerun.stderr
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+    assert problems == []
+    keys = set(bucket_objects(moto_client, bucket))
+    assert {f.s3_path for f in data.distinct_images.values()} <= keys
+    assert cli(s3_env, "validate", "--check-objects").returncode == 0
+
+
+# -- clear failures, no secrets --------------------------------------------------------------------------
+
+
+def _assert_clean_failure(proc: subprocess.CompletedProcess[str], secret: str, *needles: str) -> None:
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert secret not in out
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("s3fsimg: error: ")
+    for needle in needles:
+        assert needle in last, last
+    assert "Traceback" not in out.split("DEBUG")[0]  # any traceback only inside debug records
+
+
+@pytest.fixture
+def authenticating_moto() -> Any:
+    """A second moto server that checks credentials (its IAM knows no keys)."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except Exception as exc:
+                if getattr(exc, "code", None):  # an HTTP error answer: it is up
+                    break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("authenticating moto did not start") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.parametrize("level", ["debug", "warning"])
+def test_wrong_credentials(level: str, sample_dir: SampleSet, s3_env: dict[str, str], authenticating_moto: str) -> None:
+    secret = "wrong-secret-k3y-must-not-leak"
+    env = {**s3_env, "S3_ENDPOINT_URL": authenticating_moto, "AWS_ACCESS_KEY_ID": "AKIAWRONGKEYID0000",
+           "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": "session-token-must-not-leak"}
+    proc = cli(env, "upload", str(sample_dir.root), "--log-level", level)
+    _assert_clean_failure(proc, secret, "access denied", s3_env["S3_BUCKET"])
+    assert "session-token-must-not-leak" not in proc.stdout + proc.stderr
+    assert "AKIAWRONGKEYID0000" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("level", ["debug", "warning"])
+def test_unreachable_endpoint(level: str, sample_dir: SampleSet, s3_env: dict[str, str]) -> None:
+    env = {**s3_env, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    proc = cli(env, "upload", str(sample_dir.root), "--log-level", level)
+    _assert_clean_failure(proc, s3_env["AWS_SECRET_ACCESS_KEY"], "cannot connect", env["S3_ENDPOINT_URL"])
+
+
+@pytest.mark.parametrize("level", ["debug", "warning"])
+def test_missing_bucket(level: str, sample_dir: SampleSet, s3_env: dict[str, str]) -> None:
+    env = {**s3_env, "S3_BUCKET": "no-such-bucket-here"}
+    proc = cli(env, "upload", str(sample_dir.root), "--log-level", level)
+    _assert_clean_failure(proc, s3_env["AWS_SECRET_ACCESS_KEY"], "s3://no-such-bucket-here", "does not exist")
+
+
+def test_validate_of_a_missing_bucket_manifest(s3_env: dict[str, str]) -> None:
+    proc = cli(s3_env, "validate")
+    _assert_clean_failure(proc, s3_env["AWS_SECRET_ACCESS_KEY"], "manifests/inventory-v1.jsonl", "no such object")
