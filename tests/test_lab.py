@@ -420,3 +420,8 @@ def test_dataset_deterministic_and_large(tmp_path: Path) -> None:
         im.load()
     j = make_large_image(tmp_path / "j.jpg", 2_000_000, seed=1, fmt="jpg")
     assert 1_900_000 <= j.size <= 2_100_000 and j.content_type == "image/jpeg"
+
+
+def test_proxy_log_has_no_tracebacks(lab_proxy: LabProxy) -> None:
+    """Runs last in this file: nothing above made a proxy thread die with an unexpected error."""
+    assert "Traceback" not in lab_proxy.log_text()

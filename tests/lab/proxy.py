@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import re
@@ -49,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 FAULT_KINDS = ("latency_ms", "bandwidth_bps", "refuse", "error_status", "truncate", "flip_byte", "hang")
@@ -211,7 +212,7 @@ class _Request:
         self.close = False
 
 
-def _read_head(rfile: BinaryIO) -> tuple[bytes, list[bytes]] | None:
+def _read_head(rfile: io.BufferedReader) -> tuple[bytes, list[bytes]] | None:
     """Read a start line and header lines; None on clean EOF before any byte."""
     line = rfile.readline(_MAX_LINE)
     while line in (b"\r\n", b"\n"):
@@ -256,7 +257,7 @@ class _Upstream:
         self.port = port
         self.server = server
         self.sock: socket.socket | None = None
-        self.rfile: BinaryIO | None = None
+        self.rfile: io.BufferedReader | None = None
         self.fresh = False
 
     def ensure(self) -> None:
@@ -265,11 +266,15 @@ class _Upstream:
             if r:  # EOF or stray bytes: not reusable
                 self.close()
         if self.sock is None:
-            sock = socket.create_connection((self.host, self.port), timeout=30)
-            sock.settimeout(None)
+            sock = socket.socket(self.server.up_family, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.server.up_addr)
+            except OSError:
+                sock.close()
+                raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock = sock
-            self.rfile = sock.makefile("rb", 65536)
+            self.rfile = cast(io.BufferedReader, sock.makefile("rb", 65536))
             self.fresh = True
             self.server.track(sock)
         else:
@@ -296,6 +301,8 @@ class ProxyServer:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
         self.up_host = u.hostname
         self.up_port = u.port or 80
+        family, _, _, _, addr = socket.getaddrinfo(self.up_host, self.up_port, type=socket.SOCK_STREAM)[0]
+        self.up_family, self.up_addr = family, addr  # resolved once: no lookup per upstream connection
         self.host = host
         self.stats = _Stats()
         self.stop_event = threading.Event()
@@ -438,7 +445,7 @@ class ProxyServer:
 
     # ---- connections ---------------------------------------------------------------------------
     def _connection(self, sock: socket.socket, control: bool) -> None:
-        rfile = sock.makefile("rb", 65536)
+        rfile = cast(io.BufferedReader, sock.makefile("rb", 65536))
         upstream = _Upstream(self.up_host, self.up_port, self)
         keep = True
         try:
@@ -482,7 +489,7 @@ class ProxyServer:
         req.head_lines = [line] + [x for x in lines if not x.lower().startswith(b"expect:")]
         return req
 
-    def _read_body(self, sock: socket.socket, rfile: BinaryIO, req: _Request, sink: Any) -> int:
+    def _read_body(self, sock: socket.socket, rfile: io.BufferedReader, req: _Request, sink: Any) -> int:
         """Relay the request body (raw framing) from the client to ``sink(bytes)``; return body bytes."""
         if req.expect:
             sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -530,7 +537,7 @@ class ProxyServer:
                 left -= len(data)
         return total
 
-    def _data(self, sock: socket.socket, rfile: BinaryIO, req: _Request, up: _Upstream) -> bool:
+    def _data(self, sock: socket.socket, rfile: io.BufferedReader, req: _Request, up: _Upstream) -> bool:
         method, path = req.method, req.path
         key = key_of(path)
         st = self.stats
@@ -605,6 +612,7 @@ class ProxyServer:
                     continue  # stale keep-alive connection: retry once on a new one
                 return self._send_error(sock, rfile, req, 502, drain=False)
 
+        assert resp_head is not None
         status_line, resp_lines = resp_head
         parts = status_line.split(b" ", 2)
         code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
@@ -630,6 +638,10 @@ class ProxyServer:
         if flip_on and mode != "none":
             flip_at = int(flip) if flip is not None else (length // 2 if length > 0 else 0)
 
+        if mode != "eof" and not req.close:
+            # Connection is hop-by-hop: moto (werkzeug) closes after every response, but the client side
+            # stays keep-alive; only this thread's upstream connection is renewed.
+            resp_lines = [x for x in resp_lines if not x[:11].lower().startswith((b"connection:", b"keep-alive:"))]
         head_out = status_line + b"".join(resp_lines) + b"\r\n"
         sent = 0
         try:
@@ -664,14 +676,14 @@ class ProxyServer:
             return False
         if up_close:
             up.close()
-            if mode == "eof" or "close" in rh.get("connection", "").lower():
+            if mode == "eof":
                 return False
         return not req.close
 
     def _stream_body(
         self,
         sock: socket.socket,
-        uprfile: BinaryIO,
+        uprfile: io.BufferedReader,
         mode: str,
         length: int,
         cut: int | None,
@@ -710,7 +722,7 @@ class ProxyServer:
             view = memoryview(bytearray(min(step, max(length, 1))))
             left = length
             while left > 0:
-                n = uprfile.readinto1(view[: min(left, step)])  # type: ignore[attr-defined]
+                n = uprfile.readinto1(view[: min(left, step)])
                 if not n:
                     raise _Closed("upstream EOF in body")
                 left -= n
@@ -718,7 +730,7 @@ class ProxyServer:
                     break
         elif mode == "eof":
             while True:
-                data = uprfile.read1(step)  # type: ignore[attr-defined]
+                data = uprfile.read1(step)
                 if not data or not emit(data):
                     break
         else:  # chunked: re-frame each upstream chunk unchanged (bandwidth slices large chunks)
@@ -752,7 +764,9 @@ class ProxyServer:
                     break
         return sent
 
-    def _send_error(self, sock: socket.socket, rfile: BinaryIO, req: _Request, status: int, drain: bool = True) -> bool:
+    def _send_error(
+        self, sock: socket.socket, rfile: io.BufferedReader, req: _Request, status: int, drain: bool = True
+    ) -> bool:
         close = req.close or req.expect or not drain
         if drain and not req.expect:
             n = self._read_body(sock, rfile, req, lambda _b: None)
@@ -780,12 +794,13 @@ class ProxyServer:
         return not close
 
     # ---- control API ---------------------------------------------------------------------------
-    def _control(self, sock: socket.socket, rfile: BinaryIO, req: _Request) -> bool:
+    def _control(self, sock: socket.socket, rfile: io.BufferedReader, req: _Request) -> bool:
         chunks: list[bytes] = []
         self._read_body(sock, rfile, req, chunks.append)
         raw = b"".join(chunks)
         path = req.path.split("?", 1)[0].rstrip("/")
-        status, result = 200, None
+        status: int = 200
+        result: Any = None
         try:
             if path == "/__lab__/ping":
                 result = {"ok": True, "port": self.port, "control_port": self.control_port}
@@ -949,7 +964,15 @@ class LabProxy:
                 proc.kill()
                 proc.wait(timeout)
 
+    def log_text(self) -> str:
+        """The proxy process's output so far (tracebacks of unexpected errors end up here)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def close(self) -> None:
+        """Stop the process and remove its temporary directory."""
         self.stop()
         self._tmp.cleanup()
 
