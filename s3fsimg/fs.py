@@ -1,0 +1,345 @@
+"""The FUSE filesystem: only `Operations`, the `pyfuse3.Operations` subclass that answers the kernel.
+
+It is given an open `Index` (names, inodes, sizes: every listing, lookup, stat and xattr is answered
+from it, never from S3) and a reader (`ObjectReader`, see docs/architecture.md) through `__init__`;
+`mount.py` builds both. Reads go through `reader.open_stream(entry)` and run `stream.read` in a worker
+thread (`trio.to_thread.run_sync`, bounded by a CapacityLimiter), so a read waiting on S3 never blocks
+the trio loop: listings, stats and reads of cached data keep being answered meanwhile.
+
+The filesystem is read-only: every write operation fails with EROFS, and `open` refuses write flags
+with EROFS (the kernel itself already answers EROFS for a `ro` mount before asking us).
+
+Errors: lower layers raise the project's exceptions (`s3fsimg.errors`); `errno_for` is the one place
+they become an errno, at this boundary. Each EIO is logged once, with the key and the cause.
+
+Live counters (reads, bytes, errors...) merged with the reader's stats are exposed as the xattr
+`user.s3fsimg.stats` (JSON) on the root directory; `listxattr` does not list it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyfuse3
+import trio
+
+from s3fsimg.errors import S3fsimgError
+from s3fsimg.index import MANIFEST_INODE, ROOT_INODE, Attr, Index
+from s3fsimg.manifest import Entry
+
+log = logging.getLogger(__name__)
+
+STATS_XATTR = b"user.s3fsimg.stats"
+#: Content never changes for a given manifest: let the kernel keep names and attributes for a day.
+CACHE_TIMEOUT = 24 * 3600.0
+BLOCK_SIZE = 128 * 1024  # st_blksize: the unit `cp` and friends read in
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class Stream(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class Reader(Protocol):
+    """What fs.py needs of `s3fsimg.reader.ObjectReader`."""
+
+    def open_stream(self, entry: Entry) -> Stream: ...
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno the kernel gets for `exc`: the one mapping of the project's exceptions to errno.
+    `S3fsimgError` subclasses carry theirs (NotFound -> ENOENT, ReadOnly -> EROFS, BackendError and
+    IntegrityError -> EIO, ...); an OSError keeps its own; anything else is a bug, reported as EIO."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return int(exc.errno)
+    if isinstance(exc, S3fsimgError):
+        return int(exc.errno)
+    if isinstance(exc, OSError) and exc.errno:
+        return int(exc.errno)
+    return errno.EIO
+
+
+@dataclass
+class _Handle:
+    """An open file: an object stream, or the local manifest file."""
+
+    inode: int
+    key: str
+    stream: Stream | None = None
+    fd: int | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only filesystem over an index and a reader (see the module docstring)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, index: Index, reader: Reader, *, manifest_path: Path | None = None,
+                 max_threads: int = 32, uid: int | None = None, gid: int | None = None) -> None:
+        super().__init__()
+        self.index = index
+        self.reader = reader
+        self.manifest_path = manifest_path
+        self.limiter = trio.CapacityLimiter(max_threads)
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.mtime_ns = index.mtime_ns
+        self.started = time.time()
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()  # counters are also bumped from reader threads' results
+        self.counters: Counter[str] = Counter()
+        self._logged: set[tuple[str, str]] = set()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _attrs(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.inode
+        e.generation = 0
+        e.entry_timeout = CACHE_TIMEOUT
+        e.attr_timeout = CACHE_TIMEOUT
+        e.st_mode = (stat.S_IFDIR | 0o555) if a.is_dir else (stat.S_IFREG | 0o444)
+        e.st_nlink = a.nlink
+        e.st_uid = self.uid
+        e.st_gid = self.gid
+        e.st_rdev = 0
+        e.st_size = a.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = (a.size + 511) // 512
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self.mtime_ns
+        return e
+
+    def _attr(self, inode: int) -> Attr:
+        a = self.index.getattr(inode)
+        if a is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    def _fail(self, exc: BaseException, key: str) -> pyfuse3.FUSEError:
+        """The FUSEError for `exc`; an EIO is counted and logged once per (key, cause)."""
+        code = errno_for(exc)
+        if code == errno.EIO:
+            self._count("errors")
+            cause = str(exc) or exc.__class__.__name__
+            if (key, cause) not in self._logged:
+                if len(self._logged) > 10_000:
+                    self._logged.clear()
+                self._logged.add((key, cause))
+                if isinstance(exc, S3fsimgError):
+                    log.error("EIO reading %s: %s", key, cause)
+                else:
+                    log.error("EIO reading %s: unexpected %s", key, cause, exc_info=exc)
+        return pyfuse3.FUSEError(code)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters of this mount, merged with the reader's."""
+        with self._lock:
+            out: dict[str, Any] = dict(self.counters)
+        out["open_files"] = len(self._handles)
+        out["uptime_seconds"] = round(time.time() - self.started, 1)
+        out["entries"] = self.index.entry_count()
+        out["objects"] = self.index.object_count()
+        reader_stats = getattr(self.reader, "stats", None)
+        snapshot = getattr(reader_stats, "snapshot", None)
+        if callable(snapshot):
+            try:
+                out.update(snapshot())
+            except Exception as exc:  # stats must never break the mount
+                log.warning("reader stats unavailable: %s", exc)
+        return out
+
+    # -- names and attributes ------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.index.lookup(parent_inode, name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self._attr(inode))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._attr(inode))
+
+    async def forget(self, inode_list: Any) -> None:
+        return None  # inodes are stable and cost nothing to keep
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._attr(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLOCK_SIZE
+        s.f_frsize = 512
+        s.f_blocks = 0
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = self.index.object_count() + 5
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories ---------------------------------------------------------------------------
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._attr(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attr, key in self.index.readdir_attrs(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(attr), key):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- extended attributes -------------------------------------------------------------------
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.stats(), sort_keys=True).encode()
+        self._attr(inode)
+        value = self.index.xattrs(inode).get(name.decode("utf-8", "surrogateescape"))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._attr(inode)
+        return [k.encode() for k in self.index.xattrs(inode)]
+
+    # -- files ---------------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        attr = self._attr(inode)
+        if attr.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode == MANIFEST_INODE:
+            if self.manifest_path is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            try:
+                handle = _Handle(inode, "manifest.jsonl", fd=os.open(self.manifest_path, os.O_RDONLY))
+            except OSError as exc:
+                raise self._fail(exc, str(self.manifest_path)) from None
+        else:
+            try:
+                entry = self.index.object_for_inode(inode)
+                handle = _Handle(inode, entry.path, stream=self.reader.open_stream(entry))
+            except Exception as exc:
+                raise self._fail(exc, f"inode {inode}") from None
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        self._count("opens")
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        self._count("reads")
+        try:
+            if handle.fd is not None:
+                data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off, limiter=self.limiter)
+            else:
+                assert handle.stream is not None
+                data = await trio.to_thread.run_sync(handle.stream.read, off, size, limiter=self.limiter)
+        except Exception as exc:
+            raise self._fail(exc, handle.key) from None
+        self._count("read_bytes", len(data))
+        return data
+
+    async def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            if handle.stream is not None:
+                handle.stream.close()
+            if handle.fd is not None:
+                os.close(handle.fd)
+        except Exception as exc:  # closing must not fail a close(2)
+            log.warning("closing %s: %s", handle.key, exc)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # -- every write operation: EROFS ----------------------------------------------------------
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    def close(self) -> None:
+        """Close every handle still open (at unmount)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            try:
+                if handle.stream is not None:
+                    handle.stream.close()
+                if handle.fd is not None:
+                    os.close(handle.fd)
+            except Exception as exc:
+                log.warning("closing %s: %s", handle.key, exc)

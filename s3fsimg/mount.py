@@ -1,0 +1,315 @@
+"""Wiring of a mount: checks, daemonising, building the layers, running pyfuse3, unmounting.
+
+`mount()` is the only place the read path is assembled: S3 store -> index -> reader -> `fs.Operations`
+-> `pyfuse3.init` -> `trio.run(pyfuse3.main)`. Everything it builds is registered on one ExitStack and
+closed on the way out, whatever the way out is.
+
+Order of work, and why:
+1. cheap checks in the calling process (mountpoint exists, is a directory, is not mounted; /dev/fuse
+   can be opened), each failing with one clear line (`MountError`);
+2. unless `foreground`, fork: the parent waits on a pipe until the child reports "ready" (exit 0) or
+   an error (raised again in the parent, same class and message). The child forks once more and
+   calls setsid, so it survives the shell. Forking happens BEFORE any boto3 client or thread exists;
+3. in the serving process: the S3 store, the index (`index.load_index`: manifest problems are
+   reported here), the reader, the Operations, `pyfuse3.init` (mount), then the trio loop;
+4. SIGTERM/SIGINT -> `pyfuse3.terminate()` -> the loop ends -> `pyfuse3.close(unmount=True)`; after
+   an error, `close(unmount=False)`; an external `fusermount3 -u` also ends the loop.
+
+Risk of `--allow-other`: every local user can then read the dataset with the mounting user's S3
+credentials (the kernel still checks the 0444/0555 modes, which allow everyone to read). Use it only
+when the dataset may be read by every account of the machine; it also needs `user_allow_other` in
+/etc/fuse.conf for non-root users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from s3fsimg import errors
+from s3fsimg.config import Config
+from s3fsimg.errors import MountError, S3fsimgError
+
+log = logging.getLogger(__name__)
+
+FSNAME = "s3fsimg"
+#: Largest read the kernel sends us, in bytes: one block-cache block (256K by default) at most. 128K is
+#: the largest the kernel accepts by default on most systems (FUSE_MAX_PAGES_PER_REQ = 32 pages).
+MAX_READ = 128 * 1024
+STATS_XATTR = "user.s3fsimg.stats"
+
+
+def mount_options(*, allow_other: bool) -> set[str]:
+    """The FUSE options of a mount."""
+    options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions", f"max_read={MAX_READ}"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes of /proc/self/mountinfo (\\040 for space...)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_info(mountpoint: Path) -> tuple[str, str] | None:
+    """(filesystem type, source) of the mount at `mountpoint`, or None when nothing is mounted there."""
+    target = os.path.abspath(mountpoint)
+    found: tuple[str, str] | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and _unescape(fields[4]) == target:
+                    parts = right.split()
+                    found = (parts[0], parts[1] if len(parts) > 1 else "")
+    except OSError:
+        return (("unknown", "")) if os.path.ismount(target) else None
+    return found
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    """The absolute mountpoint, or MountError saying in one line why it cannot be mounted on."""
+    mp = Path(os.path.abspath(mountpoint))
+    try:
+        st = mp.stat()
+    except FileNotFoundError:
+        raise MountError(f"{mp}: the mountpoint does not exist (create it with mkdir)") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mp}: a dead mount is still attached (run `fusermount3 -u -z {mp}`)") from None
+        raise MountError(f"{mp}: cannot use the mountpoint: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{mp}: the mountpoint is not a directory")
+    info = mount_info(mp)
+    if info is not None:
+        raise MountError(f"{mp}: something is already mounted there ({info[0]}); unmount it first")
+    return mp
+
+
+def check_fuse() -> None:
+    """MountError when /dev/fuse is absent or may not be opened by this user."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except FileNotFoundError:
+        raise MountError("/dev/fuse does not exist: load the fuse kernel module (modprobe fuse), or in a "
+                         "container pass --device /dev/fuse") from None
+    except PermissionError:
+        raise MountError("/dev/fuse: permission denied (add the user to the 'fuse' group, or in a container "
+                         "pass --device /dev/fuse --cap-add SYS_ADMIN)") from None
+    except OSError as exc:
+        raise MountError(f"/dev/fuse cannot be opened: {exc.strerror}") from None
+    os.close(fd)
+
+
+# -- mount -------------------------------------------------------------------------------------
+
+def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bool, log_file: Path | None,
+          reader_factory: Callable[[Config], Any] | None = None) -> None:
+    """Mount the bucket's dataset read-only at `mountpoint` (see the module docstring).
+
+    Returns once the mount answers (daemonised), or when it is unmounted (`foreground`). Raises
+    MountError / ManifestError / ConfigError with one clear line when it cannot mount.
+    """
+    from s3fsimg.log import setup_logging
+
+    config.require_bucket()
+    mp = check_mountpoint(mountpoint)
+    check_fuse()
+    if foreground:
+        setup_logging(config.log_level, log_file)
+        _serve(config, mp, allow_other=allow_other, reader_factory=reader_factory, ready_fd=None)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:  # the caller: wait for "ready" or an error from the daemon
+        os.close(write_end)
+        _wait_ready(read_end, pid, mp)
+        return
+    # First child: detach (new session), fork again so the daemon is not a session leader.
+    code = 1
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            code = 0
+        else:
+            code = _daemon(config, mp, allow_other=allow_other, log_file=log_file, reader_factory=reader_factory,
+                           ready_fd=write_end)
+    finally:
+        os._exit(code)
+
+
+def _wait_ready(read_end: int, pid: int, mp: Path) -> None:
+    chunks = []
+    with os.fdopen(read_end, "rb") as r:
+        while chunk := r.read(65536):
+            chunks.append(chunk)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # the intermediate child exits at once
+    message = b"".join(chunks).decode("utf-8", "replace")
+    if message.startswith("ready"):
+        return
+    if not message:
+        raise MountError(f"{mp}: the mount process exited before the mount was ready (see its log)")
+    kind, _, text = message.partition("\n")
+    cls = getattr(errors, kind, MountError)
+    if not (isinstance(cls, type) and issubclass(cls, S3fsimgError)):
+        cls = MountError
+    raise cls(text)
+
+
+def _daemon(config: Config, mp: Path, *, allow_other: bool, log_file: Path | None,
+            reader_factory: Callable[[Config], Any] | None, ready_fd: int) -> int:
+    from s3fsimg.log import setup_logging
+
+    try:
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        if log_file is None:
+            config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            log_file = config.cache_dir / "mount.log"
+        setup_logging(config.log_level, log_file)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        _serve(config, mp, allow_other=allow_other, reader_factory=reader_factory, ready_fd=ready_fd)
+        return 0
+    except S3fsimgError as exc:
+        log.error("%s", exc)
+        _report(ready_fd, f"{type(exc).__name__}\n{exc}")
+        return 1
+    except BaseException as exc:
+        log.exception("mount failed")
+        _report(ready_fd, f"MountError\n{mp}: the mount failed: {exc.__class__.__name__}: {exc}")
+        return 1
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode())
+        os.close(fd)
+
+
+def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Callable[[Config], Any] | None,
+           ready_fd: int | None) -> None:
+    """Build everything, mount, serve until unmounted or signalled, then close everything."""
+    from s3fsimg.fs import Operations
+    from s3fsimg.index import load_index
+    from s3fsimg.s3 import S3Store
+
+    with contextlib.ExitStack() as stack:
+        store = S3Store(config)
+        index, manifest_path = load_index(config, store)
+        stack.callback(index.close)
+        if reader_factory is None:
+            from s3fsimg.reader import ObjectReader
+
+            reader_factory = ObjectReader
+        reader = reader_factory(config)
+        stack.callback(reader.close)
+        ops = Operations(index, reader, manifest_path=manifest_path)
+        stack.callback(ops.close)
+        try:
+            pyfuse3.init(ops, str(mp), mount_options(allow_other=allow_other))
+        except RuntimeError as exc:
+            raise MountError(f"{mp}: the kernel refused the mount ({exc}); see the log for libfuse's reason") \
+                from None
+        log.info("mounted %s at %s (%d entries)", config.where(config.manifest_key), mp, index.entry_count())
+        clean = False
+        try:
+            trio.run(_main, ready_fd)
+            clean = True
+        finally:
+            pyfuse3.close(unmount=clean)
+            log.info("unmounted %s", mp)
+
+
+async def _main(ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals)
+
+        async def fuse() -> None:
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(fuse)
+        await trio.sleep(0)
+        _report(ready_fd, "ready")
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+# -- other commands ----------------------------------------------------------------------------
+
+def umount(mountpoint: Path) -> None:
+    """Unmount a mount of this program (`fusermount3 -u`); MountError when it is not one, or is busy."""
+    mp = Path(os.path.abspath(mountpoint))
+    info = mount_info(mp)
+    if info is None:
+        raise MountError(f"{mp}: not mounted")
+    if info[0] != f"fuse.{FSNAME}" and info[1] != FSNAME:
+        raise MountError(f"{mp}: not a mount of {FSNAME} (it is {info[0]})")
+    result = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr or result.stdout).strip().splitlines()
+        raise MountError(f"{mp}: cannot unmount: {reason[-1] if reason else 'fusermount3 failed'}")
+
+
+def read_stats(mountpoint: Path) -> dict[str, Any]:
+    """The live counters of the mount at `mountpoint` (the root's `user.s3fsimg.stats` xattr)."""
+    mp = os.path.abspath(mountpoint)
+    try:
+        raw = os.getxattr(mp, STATS_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise MountError(f"{mp}: not an {FSNAME} mount") from None
+        raise MountError(f"{mp}: cannot read the mount's stats: {exc.strerror}") from None
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+def main_runner(argv: list[str]) -> None:  # pragma: no cover - a test helper until cli.py has `mount`
+    """`python -m s3fsimg.mount MOUNTPOINT [--allow-other]`: foreground mount with the environment's config."""
+    config = Config.load()
+    mount(config, Path(argv[0]), foreground=True, allow_other="--allow-other" in argv, log_file=None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        main_runner(sys.argv[1:])
+    except S3fsimgError as exc:
+        print(f"s3fsimg: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
