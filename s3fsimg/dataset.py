@@ -41,8 +41,8 @@ class _State:
         from s3fsimg.s3 import S3Store
 
         self.pid = os.getpid()
-        self.store = S3Store(config, max_pool=48)
-        self.reader = ObjectReader(config, store=self.store)
+        self.store = S3Store(config)  # manifest and index work (botocore's retries)
+        self.reader = ObjectReader(config)  # its own store: retries bounded by the read deadline
         self.index, self.manifest_path = load_index(config, self.store)
 
     def close(self) -> None:

@@ -89,7 +89,9 @@ class ObjectReader:
         self.part_size = max(PART_SIZE, self.block_size)
         self.max_readahead = max(MAX_READAHEAD, self.block_size)
         self.cache = cache or DiskCache(config.cache_dir, config.cache_max_bytes)
-        self.store = store or S3Store(config, max_pool=threads * 2 + 8)
+        # botocore's own retries are off (max_attempts=0): its backoff (up to 20 s a try) knows
+        # nothing of the read deadline; `S3Store.get_range` retries within it instead.
+        self.store = store or S3Store(config, max_pool=threads * 2 + 8, max_attempts=0)
         self.stats = ReaderStats()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future[bytes]] = {}
