@@ -21,7 +21,7 @@ def fake_manifest(path: Path, n: int, *, dirs: int = 1000, dup_every: int = 0, w
     with open(path, "w", encoding="utf-8") as out:
         for i in range(n):
             if dup_every and i and i % dup_every == 0:
-                seed = i // 2
+                seed = i - 1  # never itself a repeat (dup_every > 1)
             else:
                 seed = i
                 objects += 1

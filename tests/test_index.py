@@ -1,0 +1,243 @@
+"""The on-disk index: layout, inode rules, read API, atomic build, errors with line numbers, reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from s3fsimg.errors import ManifestError, NotFound
+from s3fsimg.index import (BY_ID_INODE, BY_PATH_INODE, IMAGES_INODE, MANIFEST_INODE, OBJ_BASE, ROOT_INODE,
+                           Index, build_index, ensure_index)
+from s3fsimg.manifest import Entry, object_path
+from tests.mountutil import fake_manifest
+
+
+def sha(i: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"obj{i}".encode()).hexdigest()
+
+
+def entry(i: int, **kw: object) -> dict[str, object]:
+    s = sha(i)
+    d: dict[str, object] = {"sha256": s, "path": object_path(s, "image/png"), "bytes": 100 + i,
+                            "content_type": "image/png"}
+    d.update(kw)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def write(path: Path, lines: list[dict[str, object] | str]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Index:
+    m = write(tmp_path / "m.jsonl", [
+        entry(0, logical_id="A", source_path="cats/a.png", width=3, height=4, etag='"e0"'),
+        entry(1, logical_id="B", source_path="dogs/deep/b.png"),
+        entry(0, logical_id="C", source_path="copies/a.png"),  # same object, two more names
+        "",  # blank line
+        entry(2),  # no id, no path
+        entry(3, logical_id="A"),  # a second object under id A
+    ])
+    dest = tmp_path / "idx.sqlite"
+    build_index(m, dest, manifest_digest="d" * 64, mtime_ns=123)
+    index = Index.open(dest, manifest_digest="d" * 64)
+    yield index
+    index.close()
+
+
+def walk(index: Index, inode: int = ROOT_INODE, prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, child, _key in index.readdir(inode):
+        path = f"{prefix}{name.decode()}"
+        attr = index.getattr(child)
+        assert attr is not None
+        assert index.lookup(inode, name) == child, path
+        if attr.is_dir:
+            assert index.lookup(child, b"..") == inode
+            out.update(walk(index, child, path + "/"))
+        else:
+            out[path] = child
+    return out
+
+
+def test_layout_names_and_inodes(small: Index) -> None:
+    files = walk(small)
+    a, b, c, d = (object_path(sha(i), "image/png") for i in range(4))
+    base = lambda p: p.rsplit("/", 1)[1]  # noqa: E731
+    assert set(files) == {a, b, c, d, "manifest.jsonl",
+                          f"by-id/A/{base(a)}", f"by-id/A/{base(d)}", f"by-id/B/{base(b)}", f"by-id/C/{base(a)}",
+                          "by-path/cats/a.png", "by-path/dogs/deep/b.png", "by-path/copies/a.png"}
+    # one inode per object, shared by all its names; nlink counts them
+    ino = files[a]
+    assert files["by-path/cats/a.png"] == files["by-path/copies/a.png"] == files[f"by-id/C/{base(a)}"] == ino
+    assert small.getattr(ino).nlink == 5  # images + by-id A + by-id C + 2 by-path
+    assert small.getattr(files[c]).nlink == 1
+    assert small.getattr(ino).size == 100
+    assert small.object_for_inode(ino).sha256 == sha(0)
+    assert small.getattr(MANIFEST_INODE).size == small.manifest_bytes
+    assert small.entry_count() == 5 and small.object_count() == 4
+    assert small.name_count() == len(files)
+    assert small.mtime_ns == 123
+
+
+def test_lookup_misses(small: Index) -> None:
+    assert small.lookup(ROOT_INODE, b"nope") is None
+    assert small.lookup(IMAGES_INODE, b"zz") is None
+    assert small.lookup(IMAGES_INODE, b"0") is None
+    assert small.lookup(BY_ID_INODE, b"Z") is None
+    assert small.lookup(BY_PATH_INODE, b"cats/a.png") is None
+    a = object_path(sha(0), "image/png").split("/")
+    ab = small.lookup(IMAGES_INODE, a[1].encode())
+    cd = small.lookup(ab, a[2].encode())
+    assert small.lookup(cd, a[3].encode()) is not None
+    assert small.lookup(cd, a[3].replace(".png", ".jpg").encode()) is None
+    assert small.lookup(cd, sha(1).encode() + b".png") is None  # exists elsewhere, not in this dir
+    assert small.getattr(10**12) is None
+    with pytest.raises(NotFound):
+        small.object_for_inode(IMAGES_INODE)
+
+
+def test_entries_xattrs_and_ids(small: Index) -> None:
+    first = small.nth_entry(0)
+    assert first == Entry(sha256=sha(0), path=object_path(sha(0), "image/png"), bytes=100,
+                          content_type="image/png", width=3, height=4, logical_id="A", etag='"e0"',
+                          source_path="cats/a.png")
+    assert [e.logical_id for e in small.iter_entries()] == ["A", "B", "C", None, "A"]
+    with pytest.raises(IndexError):
+        small.nth_entry(5)
+    assert small.by_sha256(sha(1)).logical_id == "B"
+    assert small.by_sha256("0" * 64) is None
+    assert small.by_logical_id("C").sha256 == sha(0)
+    assert small.by_logical_id("nope") is None
+    x = small.xattrs(small.inode_for_sha256(sha(0)))
+    assert x == {"user.s3fsimg.sha256": sha(0).encode(), "user.s3fsimg.logical_id": b"A",
+                 "user.s3fsimg.width": b"3", "user.s3fsimg.height": b"4",
+                 "user.s3fsimg.content_type": b"image/png", "user.s3fsimg.etag": b'"e0"'}
+    assert small.xattrs(small.inode_for_sha256(sha(2))) == {"user.s3fsimg.sha256": sha(2).encode(),
+                                                          "user.s3fsimg.content_type": b"image/png"}
+    assert small.xattrs(ROOT_INODE) == {}
+
+
+def test_inodes_stable_across_rebuilds(tmp_path: Path) -> None:
+    m = tmp_path / "m.jsonl"
+    fake_manifest(m, 3000, dirs=7, dup_every=5)
+    trees = []
+    for i in range(2):
+        build_index(m, tmp_path / f"{i}.sqlite", manifest_digest="x")
+        with Index.open(tmp_path / f"{i}.sqlite") as index:
+            trees.append(walk(index))
+    assert trees[0] == trees[1]
+    assert len(trees[0]) == 3000 + 2401 + 3000 + 1  # by-path + distinct objects + by-id + manifest.jsonl
+    assert min(v for k, v in trees[0].items() if k.startswith("images/")) == OBJ_BASE
+
+
+def test_readdir_pages_resume_from_key(tmp_path: Path) -> None:
+    m = tmp_path / "m.jsonl"
+    fake_manifest(m, 2000, dirs=1)
+    build_index(m, tmp_path / "i.sqlite", manifest_digest="x")
+    with Index.open(tmp_path / "i.sqlite") as index:
+        for parent in (BY_ID_INODE, index.lookup(BY_PATH_INODE, b"class0000")):
+            full = list(index.readdir(parent))
+            assert len(full) == 2000
+            keys = [k for _n, _i, k in full]
+            assert keys == sorted(keys) and len(set(keys)) == len(keys)
+            # resume from any key: exactly the rest
+            for cut in (0, 1, 511, 512, 1500, 1999):
+                rest = list(index.readdir(parent, keys[cut]))
+                assert rest == full[cut + 1:]
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ([entry(0), "{not json"], ":2: not valid JSON"),
+    ([entry(0), entry(1, bytes=-1)], ":2: bytes"),
+    ([entry(0), entry(0, bytes=5)], ":2: sha256 "),
+    ([entry(0, source_path="a/b.png"), entry(1), entry(2, source_path="a/b.png")], ":3: source_path: 'a/b.png' "
+                                                                                  "is already named on line 1"),
+    ([entry(0, source_path="a/b"), entry(1, source_path="a/b/c.png")], "is also a directory"),
+])
+def test_bad_manifest_names_the_line_and_leaves_nothing(tmp_path: Path, lines: list[object], message: str) -> None:
+    m = write(tmp_path / "m.jsonl", lines)  # type: ignore[arg-type]
+    dest = tmp_path / "out" / "i.sqlite"
+    with pytest.raises(ManifestError) as info:
+        build_index(m, dest, manifest_digest="x", where="s3://b/k")
+    assert str(info.value).startswith("s3://b/k:")
+    assert message in str(info.value)
+    assert os.listdir(dest.parent) == []
+
+
+def test_open_checks_metadata(tmp_path: Path) -> None:
+    m = write(tmp_path / "m.jsonl", [entry(0)])
+    build_index(m, tmp_path / "i.sqlite", manifest_digest="a" * 64)
+    with pytest.raises(ManifestError, match="expected"):
+        Index.open(tmp_path / "i.sqlite", manifest_digest="b" * 64)
+    (tmp_path / "junk.sqlite").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(ManifestError):
+        Index.open(tmp_path / "junk.sqlite")
+    with pytest.raises(ManifestError):
+        Index.open(tmp_path / "missing.sqlite")
+
+
+def test_ensure_index_builds_once_and_reuses(tmp_path: Path) -> None:
+    m = tmp_path / "m.jsonl"
+    fake_manifest(m, 500)
+    results: list[Index] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_index(m, tmp_path / "index")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    built = list((tmp_path / "index").glob("*.sqlite"))
+    assert len(built) == 1 and all(r.entry_count() == 500 for r in results)
+    mtime = built[0].stat().st_mtime_ns
+    again = ensure_index(m, tmp_path / "index")
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert (tmp_path / "index").stat().st_mode & 0o777 == 0o700
+    for r in [*results, again]:
+        r.close()
+
+
+def test_index_is_usable_from_threads(small: Index) -> None:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(200):
+                assert small.by_logical_id("B") is not None
+                assert len(list(small.readdir(ROOT_INODE))) == 4
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.timeout(120)
+def test_build_streams_a_large_manifest(tmp_path: Path) -> None:
+    """100,000 entries: the build stays well under the 1M goal pro rata, and lookups stay indexed."""
+    m = tmp_path / "m.jsonl"
+    fake_manifest(m, 100_000, dup_every=10)
+    started = time.monotonic()
+    build_index(m, tmp_path / "i.sqlite", manifest_digest="x")
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, elapsed
+    with Index.open(tmp_path / "i.sqlite") as index:
+        assert index.entry_count() == 100_000
+        started = time.monotonic()
+        for i in range(0, 100_000, 50):
+            e = index.nth_entry(i)
+            assert index.lookup(BY_ID_INODE, e.logical_id.encode()) is not None
+            assert index.by_sha256(e.sha256) is not None
+        assert time.monotonic() - started < 5
