@@ -4,9 +4,10 @@ Owns the walk of DIR (stable order; symlinks followed only while they stay insid
 recognition by content (Pillow reads the header only), SHA-256 hashing in parallel threads
 (hashlib releases the GIL), and the logical map (CSV `filename,logical_id`).
 
-`scan(...)` yields one `Scanned` per file in a stable order with bounded look-ahead, so memory does
-not grow with the number of files. The uploader passes an `on_bytes` hook that receives the very
-bytes that were hashed, so what it uploads is exactly what the key names.
+`scan(...)` yields one `FileResult` per file in a stable order with bounded look-ahead, so memory
+does not grow with the number of files. The uploader passes an `on_file` hook that receives the very
+bytes that were hashed, so what it uploads is exactly what the key names. A `HashCache` lets a
+re-run skip reading files that have not changed since they were hashed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import csv
 import hashlib
 import io
 import os
+import sqlite3
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -181,28 +184,115 @@ def identify(data: bytes) -> tuple[str, int | None, int | None] | None:
 
 
 @dataclass(frozen=True)
-class FileResult(Generic[T]):
+class FileResult:
     rel: str
     entry: Entry | None
     skipped: str | None
-    extra: T | None = None
 
 
-def _process(rel: str, path: Path, logical_map: LogicalMap,
-             on_bytes: Callable[[Entry, bytes], T] | None) -> FileResult[T]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return FileResult(rel, None, f"unreadable: {exc.strerror}")
+class HashCache:
+    """What earlier runs learnt of each file, keyed by relative path and checked against the file's
+    size, mtime, ctime, inode and device: an unchanged file is not read or hashed again.
+
+    On disk: one SQLite file (a table `files`, schema below). The ctime cannot be set by a user, so
+    any write to a file makes its row stale. Used to decide what a manifest line says; the uploader
+    still reads and hashes every byte it PUTs.
+    """
+
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS files(
+        rel TEXT PRIMARY KEY,     -- path relative to the scanned directory
+        stat TEXT NOT NULL,       -- "size:mtime_ns:ctime_ns:ino:dev" when hashed
+        sha256 TEXT,              -- NULL: not an image
+        content_type TEXT,
+        width INTEGER,
+        height INTEGER
+    ) WITHOUT ROWID;
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(self._SCHEMA)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[object, ...]] = []
+
+    @staticmethod
+    def stamp(st: os.stat_result) -> str:
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+    def get(self, rel: str, st: os.stat_result) -> tuple[str | None, str | None, int | None, int | None] | None:
+        with self._lock:
+            row = self._db.execute("SELECT stat, sha256, content_type, width, height FROM files WHERE rel=?",
+                                   (rel,)).fetchone()
+        if row is None or row[0] != self.stamp(st):
+            return None
+        return row[1], row[2], row[3], row[4]
+
+    def put(self, rel: str, st: os.stat_result, entry: Entry | None) -> None:
+        row = (rel, self.stamp(st), entry and entry.sha256, entry and entry.content_type, entry and entry.width,
+               entry and entry.height)
+        with self._lock:
+            self._pending.append(row)
+            if len(self._pending) >= 500:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", self._pending)
+            self._db.execute("COMMIT")
+            self._pending.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._db.close()
+
+
+#: Called with each image's entry and, when the file was read, the very bytes that were hashed
+#: (None when the hash cache vouched for an unchanged file); returns the entry to write.
+OnFile = Callable[[Entry, "bytes | None", Path], Entry]
+
+
+def entry_from_bytes(rel: str, data: bytes, logical_map: LogicalMap) -> Entry | None:
+    """The manifest entry of a file's bytes, or None when they are not an image."""
     info = identify(data)
     if info is None:
-        return FileResult(rel, None, "not an image")
+        return None
     content_type, width, height = info
     sha = hashlib.sha256(data).hexdigest()
-    entry = Entry(sha256=sha, path=object_path(sha, content_type), bytes=len(data), content_type=content_type,
-                  width=width, height=height, logical_id=logical_map.lookup(rel), source_path=rel)
-    extra = on_bytes(entry, data) if on_bytes is not None else None
-    return FileResult(rel, entry, None, extra)
+    return Entry(sha256=sha, path=object_path(sha, content_type), bytes=len(data), content_type=content_type,
+                 width=width, height=height, logical_id=logical_map.lookup(rel), source_path=rel)
+
+
+def _process(rel: str, path: Path, logical_map: LogicalMap, on_file: OnFile | None,
+             hash_cache: HashCache | None) -> FileResult:
+    try:
+        st = path.stat()
+        cached = hash_cache.get(rel, st) if hash_cache is not None else None
+        data: bytes | None = None
+        if cached is not None:
+            sha, content_type, width, height = cached
+            if sha is None or content_type is None:
+                return FileResult(rel, None, "not an image")
+            entry: Entry | None = Entry(sha256=sha, path=object_path(sha, content_type), bytes=st.st_size,
+                                        content_type=content_type, width=width, height=height,
+                                        logical_id=logical_map.lookup(rel), source_path=rel)
+        else:
+            data = path.read_bytes()
+            entry = entry_from_bytes(rel, data, logical_map)
+            if hash_cache is not None and len(data) == st.st_size:
+                hash_cache.put(rel, st, entry)
+    except OSError as exc:
+        return FileResult(rel, None, f"unreadable: {exc.strerror}")
+    if entry is None:
+        return FileResult(rel, None, "not an image")
+    if on_file is not None:
+        entry = on_file(entry, data, path)
+    return FileResult(rel, entry, None)
 
 
 def ordered_map(fn: Callable[..., T], items: Iterator[tuple], *, workers: int, window: int) -> Iterator[T]:
@@ -222,14 +312,14 @@ def ordered_map(fn: Callable[..., T], items: Iterator[tuple], *, workers: int, w
 
 
 def scan(root: Path, *, logical_map: LogicalMap | None = None, workers: int | None = None,
-         on_bytes: Callable[[Entry, bytes], T] | None = None) -> Iterator[FileResult[T]]:
+         on_file: OnFile | None = None, hash_cache: HashCache | None = None) -> Iterator[FileResult]:
     """One FileResult per regular file under root, in walk order (stable across runs)."""
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
     lmap = logical_map or LogicalMap.empty()
     workers = workers or max(2, (os.cpu_count() or 2) * 2)
     walk_skipped: list[Skipped] = []
-    items = ((rel, path, lmap, on_bytes) for rel, path in walk(root, walk_skipped))
+    items = ((rel, path, lmap, on_file, hash_cache) for rel, path in walk(root, walk_skipped))
     for result in ordered_map(_process, items, workers=workers, window=workers * 4):
         while walk_skipped:
             s = walk_skipped.pop(0)

@@ -5,7 +5,9 @@ Order of work, which is what makes a killed run safe to re-run:
 2. the bucket is checked (clear errors for a missing bucket, bad credentials, no endpoint);
 3. which objects exist is learnt by LIST of `images/` when DIR is large, else by HEAD per object;
 4. each file is read once, hashed, and the same bytes are PUT (with their SHA-256 checksum, so a
-   server that checks rejects a damaged body) when absent; identical files are PUT once;
+   server that checks rejects a damaged body) when absent; identical files are PUT once. A hash
+   cache (`<cache_dir>/hashes/`, see `scan.HashCache`) spares re-reading unchanged files on a
+   re-run; a file it vouches for that must be PUT is read and hashed again first;
 5. only when every PUT has succeeded is the manifest PUT, last. A run killed before that leaves
    objects without a manifest naming them, never a manifest naming a missing object.
 
@@ -15,25 +17,27 @@ Imports config, s3, manifest and scan only; nothing of the read path.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3fsimg.config import Config
-from s3fsimg.errors import BackendError, UsageError
+from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, write_manifest
 from s3fsimg.progress import progress_bar
 from s3fsimg.s3 import S3Store
-from s3fsimg.scan import LogicalMap, relpaths, scan
+from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, relpaths, scan
 
 log = logging.getLogger(__name__)
 
-#: Above this many local files, one LIST of images/ is cheaper than a HEAD per object.
-HEAD_LIMIT = 1000
+#: Above this many local files, one LIST of images/ (1 request per 1000 keys) replaces a HEAD per object.
+HEAD_LIMIT = 100
 
 
 @dataclass
@@ -49,60 +53,68 @@ class UploadReport:
 
 
 class _Uploads:
-    """Decides, per sha256, whether this run PUTs the object; thread-safe."""
+    """Makes sure each object is in the bucket, PUTting each distinct one at most once; thread-safe."""
 
-    def __init__(self, store: S3Store, known: dict[str, str] | None) -> None:
+    def __init__(self, store: S3Store, known: dict[str, str] | None, logical_map: LogicalMap) -> None:
         self.store = store
-        self.known = known  # key -> etag from a LIST, or None for HEAD mode
+        self.known = known  # path -> ETag from a LIST of images/, or None: HEAD each object
+        self.logical_map = logical_map
         self.lock = threading.Lock()
-        self.claimed: dict[str, threading.Event] = {}
-        self.etags: dict[str, str | None] = {}
+        self.done: dict[str, Future[str | None]] = {}  # sha256 -> ETag once present
         self.report = UploadReport()
 
-    def handle(self, entry: Entry, data: bytes) -> str | None:
-        """Called from scan worker threads with the bytes that were hashed; returns the object's ETag."""
+    def handle(self, entry: Entry, data: bytes | None, path: Path) -> Entry:
+        """Called from scan worker threads with the bytes that were hashed (None when the hash cache
+        vouched for an unchanged file). Returns the manifest entry with the object's ETag."""
         with self.lock:
-            event = self.claimed.get(entry.sha256)
-            if event is None:
-                self.claimed[entry.sha256] = event = threading.Event()
-                mine = True
-            else:
-                mine = False
+            fut = self.done.get(entry.sha256)
+            mine = fut is None
+            if fut is None:
+                fut = self.done[entry.sha256] = Future()
         if not mine:
-            event.wait()
+            etag = fut.result()  # raises if the first copy failed
             with self.lock:
                 self.report.duplicates += 1
-                if entry.sha256 not in self.etags:
-                    raise BackendError(f"{self.store.where(entry.path)}: upload failed (see the first error)")
-                return self.etags[entry.sha256]
+            return dataclasses.replace(entry, etag=etag)
         try:
-            etag = self._ensure(entry, data)
-            with self.lock:
-                self.etags[entry.sha256] = etag
-            return etag
-        finally:
-            event.set()
+            entry, etag = self._ensure(entry, data, path)
+            fut.set_result(etag)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        return dataclasses.replace(entry, etag=etag)
 
-    def _ensure(self, entry: Entry, data: bytes) -> str | None:
+    def _present(self, entry: Entry) -> tuple[bool, str | None]:
         if self.known is not None:
-            if entry.path in self.known:
-                with self.lock:
-                    self.report.present += 1
-                return self.known[entry.path]
-        else:
-            head = self.store.head(entry.path)
-            if head is not None and head["size"] == entry.bytes:
-                with self.lock:
-                    self.report.present += 1
-                return str(head["etag"]) if head["etag"] else None
+            return entry.path in self.known, self.known.get(entry.path)
+        head = self.store.head(entry.path)
+        if head is not None and head["size"] == entry.bytes:
+            return True, str(head["etag"]) if head["etag"] else None
+        return False, None
+
+    def _ensure(self, entry: Entry, data: bytes | None, path: Path) -> tuple[Entry, str | None]:
+        present, etag = self._present(entry)
+        if present:
+            with self.lock:
+                self.report.present += 1
+            return entry, etag
+        if data is None:  # known only from the hash cache: read and hash the bytes we are about to PUT
+            data = path.read_bytes()
+            fresh = entry_from_bytes(entry.source_path or path.name, data, self.logical_map)
+            if fresh is None or fresh.sha256 != entry.sha256:
+                raise UsageError(f"{path}: changed while being uploaded; run the upload again")
         checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        if checksum != base64.b64encode(bytes.fromhex(entry.sha256)).decode():
-            raise AssertionError("bytes changed between hashing and upload")  # cannot happen: same buffer
         etag = self.store.put(entry.path, data, content_type=entry.content_type, sha256_b64=checksum)
         with self.lock:
             self.report.uploaded += 1
             self.report.uploaded_bytes += len(data)
-        return etag
+        return entry, etag
+
+
+def hash_cache_path(config: Config, directory: Path) -> Path:
+    """Where the hash cache of DIR lives: in the cache directory, one file per directory path."""
+    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    return config.cache_dir / "hashes" / f"{digest}.sqlite"
 
 
 def upload(config: Config, directory: Path, *, workers: int = 16, show_progress: bool | None = None) -> UploadReport:
@@ -125,8 +137,9 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
         known = {}
         for rel, _size, etag in store.list_objects("images/"):
             known[rel] = etag
-    uploads = _Uploads(store, known)
+    uploads = _Uploads(store, known, lmap)
     report = uploads.report
+    hash_cache = HashCache(hash_cache_path(config, directory))
 
     with tempfile.TemporaryDirectory(prefix="s3fsimg-upload-") as tmp:
         manifest_tmp = Path(tmp) / "manifest.jsonl"
@@ -134,16 +147,20 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
                 progress_bar(total=count, unit="file", desc="upload", enabled=show_progress) as bar:
 
             def entries():  # type: ignore[no-untyped-def]
-                for result in scan(directory, logical_map=lmap, workers=workers, on_bytes=uploads.handle):
+                for result in scan(directory, logical_map=lmap, workers=workers, on_file=uploads.handle,
+                                   hash_cache=hash_cache):
                     bar.update(1)
                     if result.entry is None:
                         report.skipped.append((result.rel, result.skipped or "skipped"))
                         log.info("skipped %s: %s", result.rel, result.skipped)
                         continue
                     report.entries += 1
-                    yield Entry(**{**result.entry.to_dict(), "etag": result.extra})
+                    yield result.entry
 
-            write_manifest(entries(), out)
+            try:
+                write_manifest(entries(), out)
+            finally:
+                hash_cache.close()
         manifest_bytes = manifest_tmp.read_bytes()
         # Every object the manifest names is now confirmed present (PUT succeeded, or LIST/HEAD saw it).
         remote = store.head(config.manifest_key)

@@ -260,3 +260,21 @@ def test_missing_bucket(level: str, sample_dir: SampleSet, s3_env: dict[str, str
 def test_validate_of_a_missing_bucket_manifest(s3_env: dict[str, str]) -> None:
     proc = cli(s3_env, "validate")
     _assert_clean_failure(proc, s3_env["AWS_SECRET_ACCESS_KEY"], "manifests/inventory-v1.jsonl", "no such object")
+
+
+def test_reupload_after_changes_uses_fresh_bytes(sample_dir: SampleSet, s3_env: dict[str, str], proxy: LabProxy,
+                                                 moto_client: Any, bucket: str) -> None:
+    assert cli(s3_env, "upload", str(sample_dir.root)).returncode == 0
+    victim, edited = sample_dir.images[0], sample_dir.images[5]
+    moto_client.delete_object(Bucket=bucket, Key=victim.s3_path)  # lost from the bucket
+    other = next(f for f in sample_dir.images if f.sha256 != edited.sha256 and f.content_type == edited.content_type)
+    time.sleep(0.01)
+    edited.path.write_bytes(other.path.read_bytes())  # content changed under the same name
+    proxy.reset()
+    proc = cli(s3_env, "upload", str(sample_dir.root))
+    assert proc.returncode == 0, proc.stderr
+    assert proxy.get_count("PUT", "images/") == 1
+    assert moto_client.get_object(Bucket=bucket, Key=victim.s3_path)["Body"].read() == victim.path.read_bytes()
+    manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+    by_src = {e.source_path: e for e in map(parse_line, manifest.splitlines())}
+    assert by_src[edited.rel].sha256 == other.sha256
