@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3fsimg.cache import DiskCache
 from s3fsimg.config import Config
 from s3fsimg.dataset import Dataset
 from s3fsimg.errors import BackendError, IntegrityError
@@ -59,8 +58,8 @@ def make_entry(data: bytes) -> Entry:
                  content_type="image/png")
 
 
-def make_reader(cache_dir: Path, objects: dict[str, bytes], *, block_size: int = 4096,
-                whole_object_max: int = 0, delay: float = 0.0, max_bytes: int = 1 << 30) -> tuple[ObjectReader, FakeStore]:
+def make_reader(cache_dir: Path, objects: dict[str, bytes], *, block_size: int = 4096, whole_object_max: int = 0,
+                delay: float = 0.0, max_bytes: int = 1 << 30) -> tuple[ObjectReader, FakeStore]:
     config = Config(bucket="fake", cache_dir=cache_dir, cache_max_bytes=max_bytes, block_size=block_size,
                     whole_object_max=whole_object_max, read_deadline=10.0)
     store = FakeStore(objects, delay)
