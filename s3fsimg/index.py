@@ -635,7 +635,7 @@ class Index:
                 "SELECT e.id, e.sha256, e.content_type, o.inode, o.bytes, o.nlink FROM entries e "
                 "JOIN objects o ON o.sha256 = e.sha256 WHERE e.logical_id = "
                 "(SELECT logical_id FROM entries WHERE id=?) AND e.id >= ? ORDER BY e.id",
-                (first, max(after - 1, 0))).fetchall()
+                (first, after)).fetchall()
             seen: set[bytes] = set()
             for i, sha, ctype, child, size, nlink in rows:
                 hexsha = bytes(sha).hex()

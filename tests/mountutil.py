@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import pytest
 
 
 def fake_manifest(path: Path, n: int, *, dirs: int = 1000, dup_every: int = 0, with_ids: bool = True,
@@ -35,3 +43,96 @@ def fake_manifest(path: Path, n: int, *, dirs: int = 1000, dup_every: int = 0, w
                 d["source_path"] = f"class{i % dirs:04d}/img{i:08d}.jpg"
             out.write(json.dumps(d, separators=(",", ":")) + "\n")
     return objects
+
+
+# -- mounting in a subprocess ------------------------------------------------------------------
+
+
+
+def fuse_available() -> str | None:
+    """None when FUSE mounts can be tested here, else why not."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse: {exc.strerror}"
+    return None
+
+
+fuse_test = pytest.mark.skipif(fuse_available() is not None, reason=f"FUSE unavailable: {fuse_available()}")
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class MountProcess:
+    """`python -m s3fsimg mount MP --foreground` in a subprocess; `stop()` always leaves nothing behind."""
+
+    def __init__(self, mountpoint: Path, *, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+                 log_file: Path | None = None, preexec: Sequence[str] = ()) -> None:
+        self.mountpoint = mountpoint
+        self.log_file = log_file or mountpoint.parent / f"{mountpoint.name}.log"
+        self.cmd = [*preexec, sys.executable, "-m", "s3fsimg", "mount", str(mountpoint), "--foreground",
+                    "--log-file", str(self.log_file), *args]
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("DATASET_LOG_LEVEL", "info")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> MountProcess:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     cwd=str(Path(__file__).resolve().parent.parent))
+        self.wait_mounted(timeout)
+        return self
+
+    def output(self) -> str:
+        text = ""
+        if self.proc is not None and self.proc.poll() is not None and self.proc.stdout is not None:
+            text += self.proc.stdout.read().decode(errors="replace")
+        if self.log_file.exists():
+            text += "\n--- log ---\n" + self.log_file.read_text(errors="replace")[-5000:]
+        return text
+
+    def wait_mounted(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if is_mounted(self.mountpoint):
+                try:
+                    os.stat(self.mountpoint)
+                    return
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                out = self.output()
+                self.stop()
+                pytest.fail(f"mount process exited with {self.proc.returncode} before mounting:\n{out}")
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"mount did not come up in {timeout}s:\n{self.output()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Lazy unmount, then terminate, then kill: always, whatever state things are in."""
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> MountProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

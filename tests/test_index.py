@@ -11,8 +11,17 @@ from pathlib import Path
 import pytest
 
 from s3fsimg.errors import ManifestError, NotFound
-from s3fsimg.index import (BY_ID_INODE, BY_PATH_INODE, IMAGES_INODE, MANIFEST_INODE, OBJ_BASE, ROOT_INODE,
-                           Index, build_index, ensure_index)
+from s3fsimg.index import (
+    BY_ID_INODE,
+    BY_PATH_INODE,
+    IMAGES_INODE,
+    MANIFEST_INODE,
+    OBJ_BASE,
+    ROOT_INODE,
+    Index,
+    build_index,
+    ensure_index,
+)
 from s3fsimg.manifest import Entry, object_path
 from tests.mountutil import fake_manifest
 
@@ -55,7 +64,10 @@ def small(tmp_path: Path) -> Index:
 
 def walk(index: Index, inode: int = ROOT_INODE, prefix: str = "") -> dict[str, int]:
     out: dict[str, int] = {}
-    for name, child, _key in index.readdir(inode):
+    listing = list(index.readdir(inode))
+    for i, (_name, _child, key) in enumerate(listing[:50]):  # resuming after a key gives exactly the rest
+        assert list(index.readdir(inode, key)) == listing[i + 1:]
+    for name, child, _key in listing:
         path = f"{prefix}{name.decode()}"
         attr = index.getattr(child)
         assert attr is not None
