@@ -8,7 +8,7 @@ How a read `(entry, offset, size)` is served (`Stream.read`):
 1. A complete, verified object in the cache -> `pread` on a file descriptor kept per stream.
 2. Small objects (<= `whole_object_max`) and *suspect* ones (which failed verification before)
    are fetched whole (`fetch_path`): one GET (or parallel part GETs above `part_size`), hashed,
-   fsynced, renamed into the cache; no byte is served before the sha256 matched.
+   renamed into the cache; no byte is served before the sha256 matched.
 3. Larger objects are read in fixed blocks (`block_size`). A block is taken from the cache, or from
    a GET already in flight in this process for it (single-flight: one GET per block however many
    threads want it), or fetched now by the reading thread, contiguous missing blocks in one ranged
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from s3fsimg.cache import DiskCache
 from s3fsimg.config import Config
-from s3fsimg.errors import IntegrityError, S3fsimgError
+from s3fsimg.errors import CacheError, IntegrityError, S3fsimgError
 from s3fsimg.manifest import Entry
 from s3fsimg.s3 import GetResult, S3Store
 
@@ -150,23 +150,22 @@ class ObjectReader:
                 self.stats.add(cache_hits=1)
                 return path
             self.stats.add(cache_misses=1)
-            data = self._download(entry, deadline)
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != entry.sha256:
-                self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
-            with self._lock:
-                self._suspect.discard(entry.sha256)
-            fd, tmp = self.cache.new_tmp()
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                return self.cache.put_object_file(tmp, entry.sha256, entry.ext)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            data = self.download_verified(entry, deadline)
+            path = self.cache.put_object_bytes(data, entry.sha256, entry.ext)
+            if path is None:
+                raise CacheError(f"{self.cache.root}: cannot store {entry.sha256} in the cache (disk full or "
+                                 "not writable)")
+            return path
+
+    def download_verified(self, entry: Entry, deadline: float | None = None) -> bytes:
+        """All bytes of an object from S3, checked against its sha256 (IntegrityError otherwise)."""
+        data = self._download(entry, deadline if deadline is not None else self._deadline())
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
+        with self._lock:
+            self._suspect.discard(entry.sha256)
+        return data
 
     def _download(self, entry: Entry, deadline: float) -> bytes:
         """All bytes of an object: one GET, or parallel GETs of `part_size` parts."""
@@ -265,11 +264,16 @@ class ObjectReader:
 
     def _fetch_run(self, entry: Entry, first: int, last: int, futures: dict[int, Future[bytes]],
                    deadline: float) -> None:
-        """GET blocks first..last in one range; resolve their futures; store them in the cache."""
+        """GET blocks first..last in one range; resolve their futures; store them in the cache.
+
+        When the run reaches the object's end and every block before it is cached, the object is
+        verified in memory and stored complete at once (no block files): the usual case of a file
+        read from its start to its end."""
         start = first * self.block_size
         end = min((last + 1) * self.block_size, entry.bytes)
         try:
             result = self._get(entry, start, end, deadline)
+            completed = self._complete_with(entry, first, result.data) if last == self.block_count(entry) - 1 else False
         except BaseException as exc:
             with self._lock:
                 for i, fut in futures.items():
@@ -280,11 +284,28 @@ class ObjectReader:
         for i in range(first, last + 1):
             off = (i - first) * self.block_size
             block = bytes(view[off:off + self.block_length(entry, i)])
-            if not self.cache.put_block(entry.sha256, self.block_size, i, block):
+            if not completed and not self.cache.put_block(entry.sha256, self.block_size, i, block):
                 self.stats.add(uncached_writes=1)
             with self._lock:
                 self._inflight.pop((entry.sha256, i), None)
             futures[i].set_result(block)
+
+    def _complete_with(self, entry: Entry, first: int, tail: bytes) -> bool:
+        """Blocks 0..first-1 from the cache + `tail` = the whole object? Verify it and store it complete.
+        Raises IntegrityError on a mismatch; False when earlier blocks are missing or the disk is full."""
+        head: list[bytes] = []
+        for i in range(first):
+            block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+            if block is None:
+                return False
+            head.append(block)
+        data = b"".join([*head, tail]) if head else tail
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
+        with self._lock:
+            self._suspect.discard(entry.sha256)
+        return self.cache.put_object_bytes(data, entry.sha256, entry.ext) is not None
 
     def prefetch(self, entry: Entry, first: int, last: int) -> None:
         """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
@@ -327,8 +348,6 @@ class ObjectReader:
                     os.unlink(tmp)
                     self._integrity_failure(entry, f"its bytes hash to {hasher.hexdigest()[:16]}…, "
                                                    "not to its sha256")
-                f.flush()
-                os.fsync(f.fileno())
             return self.cache.put_object_file(tmp, entry.sha256, entry.ext)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -344,6 +363,7 @@ class Stream:
         self.reader = reader
         self.entry = entry
         self._fd: int | None = None
+        self._memory: bytes | None = None  # the verified object, when the cache could not store it
         self._next_offset = -1
         self._window = 0
         self._lock = threading.Lock()
@@ -356,12 +376,8 @@ class Stream:
 
     def _complete_fd(self) -> int | None:
         if self._fd is None:
-            path = self.reader.cache.object_path(self.entry.sha256, self.entry.ext)
-            if path is not None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
+            fd = self.reader.cache.open_object(self.entry.sha256, self.entry.ext)
+            if fd is not None:
                 with self._lock:
                     if self._fd is None:
                         self._fd = fd
@@ -369,9 +385,15 @@ class Stream:
                         os.close(fd)
         return self._fd
 
-    def _open_whole(self) -> int:
-        path = self.reader.fetch_path(self.entry)
-        fd = os.open(path, os.O_RDONLY)
+    def _open_whole(self) -> int | None:
+        """Fetch the whole object into the cache and open it; when the cache cannot take it (disk
+        full), keep the verified bytes in memory instead (returns None)."""
+        try:
+            path = self.reader.fetch_path(self.entry)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (CacheError, FileNotFoundError):
+            self._memory = self.reader.download_verified(self.entry)
+            return None
         with self._lock:
             if self._fd is None:
                 self._fd = fd
@@ -387,11 +409,16 @@ class Stream:
             return b""
         try:
             fd = self._complete_fd()
-            if fd is None and (entry.bytes <= reader.whole_object_max or reader.is_suspect(entry.sha256)):
-                fd = self._open_whole()
-            elif fd is not None:
+            if fd is not None:
                 reader.stats.add(cache_hits=1)
-            data = os.pread(fd, size, offset) if fd is not None else self._read_blocks(offset, size)
+            elif self._memory is None and (entry.bytes <= reader.whole_object_max or reader.is_suspect(entry.sha256)):
+                fd = self._open_whole()
+            if fd is not None:
+                data = os.pread(fd, size, offset)
+            elif self._memory is not None:
+                data = self._memory[offset:offset + size]
+            else:
+                data = self._read_blocks(offset, size)
         except S3fsimgError:
             reader.stats.add(errors=1)
             raise
