@@ -1,0 +1,31 @@
+# The s3fsimg client image: the CLI, the Python API and the FUSE mount.
+#   docker build -t s3fsimg .
+#   docker run --rm --device /dev/fuse --cap-add SYS_ADMIN --env-file .env s3fsimg mount --foreground /mnt/images
+# Mounting needs /dev/fuse and CAP_SYS_ADMIN (or --privileged); fetch/validate/upload need neither.
+# Dependencies come from requirements/runtime.lock: exact versions, verified by hash.
+
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY requirements/runtime.lock requirements/runtime.lock
+RUN pip wheel --no-cache-dir --require-hashes -r requirements/runtime.lock -w /wheels
+
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends fuse3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 s3fsimg
+COPY --from=build /wheels /wheels
+COPY requirements/runtime.lock /tmp/runtime.lock
+RUN pip install --no-cache-dir --no-index --find-links /wheels --require-hashes -r /tmp/runtime.lock \
+ && rm -rf /wheels /tmp/runtime.lock
+WORKDIR /app
+COPY s3fsimg/ /app/s3fsimg/
+ENV PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    DATASET_CACHE_DIR=/var/cache/s3fsimg
+RUN mkdir -p /var/cache/s3fsimg && chown s3fsimg /var/cache/s3fsimg
+ENTRYPOINT ["python", "-m", "s3fsimg"]
+CMD ["--help"]
