@@ -4,23 +4,15 @@
 # Mounting needs /dev/fuse and CAP_SYS_ADMIN (or --privileged); fetch/validate/upload need neither.
 # Dependencies come from requirements/runtime.lock: exact versions, verified by hash.
 
-FROM python:3.11-slim-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY requirements/runtime.lock requirements/runtime.lock
-RUN pip wheel --no-cache-dir --require-hashes -r requirements/runtime.lock -w /wheels
-
 FROM python:3.11-slim-bookworm
-RUN apt-get update \
- && apt-get install -y --no-install-recommends fuse3 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --create-home --uid 1000 s3fsimg
-COPY --from=build /wheels /wheels
 COPY requirements/runtime.lock /tmp/runtime.lock
-RUN pip install --no-cache-dir --no-index --find-links /wheels --require-hashes -r /tmp/runtime.lock \
- && rm -rf /wheels /tmp/runtime.lock
+# pyfuse3 is built from source against libfuse3; the compiler is removed again in the same layer.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends fuse3 gcc libc6-dev libfuse3-dev pkg-config \
+ && pip install --no-cache-dir --require-hashes -r /tmp/runtime.lock \
+ && apt-get purge -y gcc libc6-dev libfuse3-dev pkg-config \
+ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* /tmp/runtime.lock \
+ && useradd --create-home --uid 1000 s3fsimg
 WORKDIR /app
 COPY s3fsimg/ /app/s3fsimg/
 ENV PYTHONPATH=/app \
