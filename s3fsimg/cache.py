@@ -210,7 +210,11 @@ class DiskCache:
             if marker.exists():
                 self._verify_recent()
             tmp = self.base / "tmp" / f"{self.pid}-boot"
-            tmp.write_text(current)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # not the umask's 0644
+            try:
+                os.write(out, current.encode())
+            finally:
+                os.close(out)
             os.replace(tmp, marker)
         finally:
             os.close(fd)
