@@ -158,6 +158,35 @@ class S3Store:
             raise translate(exc, self.where(relative)) from None
         return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag")}
 
+    def stat(self, relative: str) -> dict[str, Any] | None:
+        """Size, ETag and Last-Modified of an object, or None when it does not exist. A HEAD; in anonymous
+        mode a refused HEAD is retried as a one-byte GET, since some S3-compatible servers grant
+        unsigned GETs by bucket policy but not HEADs."""
+        where = self.where(relative)
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self.key(relative))
+            return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag"),
+                    "last_modified": resp.get("LastModified")}
+        except bexc.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if not (self.config.anonymous and code in ("403", "AccessDenied")):
+                raise translate(exc, where) from None
+        except Exception as exc:
+            raise translate(exc, where) from None
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative), Range="bytes=0-0")
+            resp["Body"].read()
+        except Exception as exc:
+            err = translate(exc, where)
+            if isinstance(err, NotFound):
+                return None
+            raise err from None
+        total = str(resp.get("ContentRange", "")).rsplit("/", 1)[-1]
+        return {"size": int(total) if total.isdigit() else int(resp["ContentLength"]), "etag": resp.get("ETag"),
+                "last_modified": resp.get("LastModified")}
+
     def list_objects(self, relative_prefix: str) -> Iterator[tuple[str, int, str]]:
         """(relative key, size, etag) of every object under `relative_prefix`."""
         full = self.key(relative_prefix)
