@@ -176,16 +176,16 @@ class S3Store:
         except Exception as exc:
             raise translate(exc, where) from None
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative), Range="bytes=0-0")
-            resp["Body"].read()
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key(relative), Range="bytes=0-0")
+            got["Body"].read()
         except Exception as exc:
             err = translate(exc, where)
             if isinstance(err, NotFound):
                 return None
             raise err from None
-        total = str(resp.get("ContentRange", "")).rsplit("/", 1)[-1]
-        return {"size": int(total) if total.isdigit() else int(resp["ContentLength"]), "etag": resp.get("ETag"),
-                "last_modified": resp.get("LastModified")}
+        total = str(got.get("ContentRange", "")).rsplit("/", 1)[-1]
+        return {"size": int(total) if total.isdigit() else int(got["ContentLength"]), "etag": got.get("ETag"),
+                "last_modified": got.get("LastModified")}
 
     def list_objects(self, relative_prefix: str) -> Iterator[tuple[str, int, str]]:
         """(relative key, size, etag) of every object under `relative_prefix`."""
