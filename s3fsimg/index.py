@@ -827,20 +827,17 @@ def load_index(config: Config, store: S3Store) -> tuple[Index, Path]:
 
 
 def _head_manifest(store: S3Store, relative: str, where: str) -> dict[str, Any]:
-    from s3fsimg.s3 import translate
-
     try:
-        resp = store.client.head_object(Bucket=store.bucket, Key=store.key(relative))
-    except Exception as exc:
-        err = translate(exc, where)
-        if isinstance(err, NotFound):
-            raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)") from None
-        if isinstance(err, BackendError):
-            raise err from None
+        info = store.stat(relative)
+    except BackendError:
+        raise
+    except S3fsimgError as err:
         raise ManifestError(f"{where}: cannot read the manifest: {err}") from None
-    modified = resp.get("LastModified")
+    if info is None:
+        raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)")
+    modified = info.get("last_modified")
     mtime_ns = int(modified.timestamp() * 1e9) if modified is not None else 0
-    return {"etag": str(resp.get("ETag", "")), "size": int(resp["ContentLength"]), "mtime_ns": mtime_ns}
+    return {"etag": str(info.get("etag") or ""), "size": int(info["size"]), "mtime_ns": mtime_ns}
 
 
 def _download_manifest(store: S3Store, relative: str, where: str, local: Path, sidecar: Path, ident: str,
