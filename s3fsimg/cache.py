@@ -398,9 +398,16 @@ class DiskCache:
                         os.unlink(tmp)
                 if exc.errno == errno.ENOSPC and attempt == 1:
                     log.warning("cache: disk full in %s; evicting and retrying once", self.root)
-                    self.evict(extra=max(len(payload) * 4, 8 << 20), force_fraction=0.1)
+                    with contextlib.suppress(sqlite3.Error):
+                        self.evict(extra=max(len(payload) * 4, 8 << 20), force_fraction=0.1)
                     continue
                 log.warning("cache: cannot store %s (%s); serving it without caching", name, exc.strerror)
+                return False
+            except sqlite3.Error as exc:  # the ledger's disk is full too: same policy as ENOSPC
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                log.warning("cache: cannot record %s in the ledger (%s); serving it without caching", name, exc)
                 return False
         return False
 

@@ -36,12 +36,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3fsimg.cache import DiskCache
 from s3fsimg.config import Config
-from s3fsimg.errors import CacheError, IntegrityError, S3fsimgError
+from s3fsimg.errors import BackendError, CacheError, IntegrityError, S3fsimgError
 from s3fsimg.manifest import Entry
 from s3fsimg.s3 import GetResult, S3Store
 
@@ -235,7 +236,11 @@ class ObjectReader:
                 fetched = True
         for i, fut in waiting.items():
             remaining = max(0.0, deadline - time.monotonic()) + 1.0
-            got[i] = fut.result(timeout=remaining)
+            try:
+                got[i] = fut.result(timeout=remaining)
+            except FutureTimeout:
+                raise BackendError(f"{self.store.where(entry.path)}: block {i} was not fetched within the read "
+                                   "deadline") from None
         return [got[i] for i in range(first, last + 1)], fetched
 
     def _claim(self, entry: Entry, wanted: list[int], waiting: dict[int, Future[bytes]],
