@@ -258,11 +258,15 @@ class S3Store:
         resp = self.client.get_object(Bucket=self.bucket, Key=self.key(relative),
                                       Range=f"bytes={start}-{end - 1}")
         data = resp["Body"].read()
-        if len(data) != end - start:
-            raise _ShortRead(f"got {len(data)} of {end - start} bytes")
         total: int | None = None
-        content_range = resp.get("ContentRange")
-        if content_range and "/" in content_range:
-            tail = content_range.rsplit("/", 1)[1]
+        expected = end - start
+        content_range = str(resp.get("ContentRange") or "")
+        if content_range.startswith("bytes ") and "/" in content_range:
+            span, tail = content_range[6:].split("/", 1)
             total = int(tail) if tail.isdigit() else None
+            first, _, last = span.partition("-")
+            if first.isdigit() and last.isdigit():
+                expected = int(last) - int(first) + 1  # an object shorter than asked: the caller sees `total`
+        if len(data) != expected:
+            raise _ShortRead(f"got {len(data)} of {expected} bytes")
         return GetResult(data=data, etag=resp.get("ETag"), total_size=total)

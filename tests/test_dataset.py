@@ -63,14 +63,7 @@ def _other_bytes(size: int, how: str) -> bytes:
     return (base * (n // 32 + 1))[:n]
 
 
-_SHORT_READ_BUG = pytest.mark.xfail(
-    strict=True, raises=BackendError,
-    reason="s3.py: S3Store._get_range_once raises its retryable _ShortRead before it reads Content-Range, so an "
-           "object replaced by a shorter one is retried until the deadline and ends as BackendError, not "
-           "IntegrityError (reported to the owner of s3.py)")
-
-
-@pytest.mark.parametrize("how", ["same-size", "larger", pytest.param("smaller", marks=_SHORT_READ_BUG)])
+@pytest.mark.parametrize("how", ["same-size", "larger", "smaller"])
 @pytest.mark.parametrize("with_etag", [True, False], ids=["etag", "no-etag"])
 @pytest.mark.parametrize("which", ["small", "large"])
 def test_replaced_object_is_never_returned(lab_set: dict[str, Entry], s3_env: dict[str, str], moto_client: Any,
