@@ -22,7 +22,6 @@ test *args: setup
 # ruff and mypy only
 lint: setup
     {{py}} -m ruff check s3fsimg tests bench scripts
-    {{py}} -m ruff format --check s3fsimg
     {{py}} -m mypy
 
 # the whole story on a local S3 server: sample data, upload, validate, fetch, mount, list

@@ -102,11 +102,13 @@ def main() -> int:
         mounted = True
         for sub in ("", "by-id", "by-path"):
             names = sorted(os.listdir(mountpoint / sub))
-            print(f"  ls {mountpoint / sub}: {len(names)} entries: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+            more = " ..." if len(names) > 5 else ""
+            print(f"  ls {mountpoint / sub}: {len(names)} entries: {', '.join(names[:5])}{more}")
         files = [p for p in (mountpoint / "by-path").rglob("*") if p.is_file()]
         started = time.monotonic()
         total = sum(len(p.read_bytes()) for p in files)
-        print(f"  read {len(files)} files ({total / 1e6:.1f} MB) through the mount in {time.monotonic() - started:.2f}s")
+        took = time.monotonic() - started
+        print(f"  read {len(files)} files ({total / 1e6:.1f} MB) through the mount in {took:.2f}s")
         run(env, "stats", str(mountpoint))
         return 0
     finally:
