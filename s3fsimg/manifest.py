@@ -198,6 +198,65 @@ def parse_line(line: str | bytes) -> Entry:
     return parse_entry(obj)
 
 
+#: A line exactly as `Entry.to_json` writes it (fields in FIELDS order, no spaces, strings without escapes
+#: other than the \\" of an ETag). Only a fast path: anything it does not match goes to `parse_line`.
+_S = rb'[^"\\\x00-\x1f]'  # a string character JSON takes as itself
+_FAST_LINE = re.compile(
+    rb'[ \t\r\n]*\{"sha256":"([0-9a-f]{64})","path":"images/(' + _S + rb'+)",'
+    rb'"bytes":(0|[1-9][0-9]{0,17}),"content_type":"(image/[A-Za-z0-9][A-Za-z0-9.+\-]*)"'
+    rb'(?:,"width":([1-9][0-9]{0,17}))?(?:,"height":([1-9][0-9]{0,17}))?'
+    rb'(?:,"logical_id":"([^"\\/\x00-\x1f]{1,255})")?'
+    rb'(?:,"etag":"(' + _S + rb'*(?:\\"' + _S + rb'*)*)")?'
+    rb'(?:,"source_path":"(' + _S + rb'+)")?\}[ \t\r\n]*').fullmatch
+_EXT_CACHE: dict[bytes, bytes] = {}
+
+#: (sha256, bytes, content_type, width, height, logical_id, etag, source_path): an Entry without its path
+Fields = tuple[str, int, str, int | None, int | None, str | None, str | None, str | None]
+
+
+def fast_fields(raw: bytes) -> Fields | None:
+    """The fields of a line in canonical form, or None when the line is not in that form.
+
+    Agrees with `parse_line` (tests/test_manifest_fast.py): whenever it returns a tuple, `parse_line`
+    accepts the line and gives an Entry with exactly these fields. It returns None for every line it
+    does not vouch for (other field order, spaces, escapes, floats, any invalid line), which the
+    caller then gives to `parse_line` for the answer or the error. About 3x faster than
+    json.loads + parse_entry, because it builds neither a dict nor an Entry.
+    """
+    m = _FAST_LINE(raw)
+    if m is None:
+        return None
+    sha, path, size, ctype, width, height, lid, etag, src = m.groups()
+    ext = _EXT_CACHE.get(ctype)
+    if ext is None:
+        ext = extension_for(ctype.decode()).encode()
+        if len(_EXT_CACHE) < 64:
+            _EXT_CACHE[ctype] = ext
+    if path != b"%s/%s/%s.%s" % (sha[0:2], sha[2:4], sha, ext):
+        return None
+    try:
+        lid_s = None if lid is None else lid.decode()
+        src_s = None if src is None else src.decode()
+        etag_s = None if etag is None else etag.decode().replace('\\"', '"')
+    except UnicodeDecodeError:
+        return None
+    if (lid_s is not None and (lid_s == "." or lid_s == "..")) or etag_s == "":
+        return None
+    if src_s is not None and source_path_problem(src_s):
+        return None
+    return (sha.decode(), int(size), ctype.decode(), None if width is None else int(width),
+            None if height is None else int(height), lid_s, etag_s, src_s)
+
+
+def parse_fields(raw: bytes) -> Fields:
+    """`fast_fields`, falling back to `parse_line` (which raises EntryProblem for a bad line)."""
+    fields = fast_fields(raw)
+    if fields is None:
+        e = parse_line(raw)
+        fields = (e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, e.etag, e.source_path)
+    return fields
+
+
 def iter_entries(path: Path, *, where: str | None = None) -> Iterator[tuple[int, Entry]]:
     """(line number, entry) of every line of a local manifest; the first bad line raises ManifestError.
     Blank lines are ignored."""
