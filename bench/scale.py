@@ -192,7 +192,8 @@ def run(lab: Lab, report: Report, args: Any, data_dir: Path) -> None:
                 os.stat(p)
             t_stats = time.perf_counter() - started
             t_find_images, found_images = count_files(mp / "images")
-            t_find_all, found_all = count_files(mp)
+            full = n <= 200_000  # the whole tree has a directory per logical id: minutes at 1M
+            t_find_all, found_all = count_files(mp) if full else (0.0, names)
             requests = lab.proxy.counts()["requests"]
             rss = max(rss_first, m.peak_rss_mb())
             m.stop()
@@ -203,7 +204,11 @@ def run(lab: Lab, report: Report, args: Any, data_dir: Path) -> None:
                 note="VmHWM, max of both mounts")
         sec.add("random stats (fresh mount, kernel caches cold)", len(paths) / t_stats, "stats/s")
         sec.add(f"find MOUNT/images -type f | wc -l ({found_images:,} files, count correct)", t_find_images, "s")
-        sec.add(f"find MOUNT -type f | wc -l ({found_all:,} files, count correct)", t_find_all, "s")
+        if full:
+            sec.add(f"find MOUNT -type f | wc -l ({found_all:,} files, count correct)", t_find_all, "s")
+        else:
+            sec.notes.append(f"`find MOUNT -type f` (all {names:,} names, one by-id directory per entry) runs "
+                             "with up to 200,000 entries only.")
         sec.add("S3 requests during stats + find", requests, "requests", goal=0, lower_is_better=True)
 
         with step("validate"):
