@@ -353,6 +353,11 @@ class Validator:
 
     def check_line(self, lineno: int, raw: bytes | str) -> Iterator[Problem]:
         self.lines += 1
+        fields = fast_fields(raw) if isinstance(raw, bytes) else None
+        if fields is not None:  # a canonical, valid line: only the cross-line rules are left to check
+            self.entries += 1
+            yield from self._cross(lineno, fields[0], fields[1], fields[7])
+            return
         if not raw.strip():
             return
         try:
@@ -374,17 +379,16 @@ class Validator:
                 yield Problem(lineno, exc.field, str(exc).split(": ", 1)[-1] if exc.field else str(exc))
             return
         self.entries += 1
-        yield from self._cross_line(lineno, entry)
+        yield from self._cross(lineno, entry.sha256, entry.bytes, entry.source_path)
 
-    def _cross_line(self, lineno: int, entry: Entry) -> Iterator[Problem]:
+    def _cross(self, lineno: int, sha256: str, size: int, src: str | None) -> Iterator[Problem]:
         db = self._db
-        row = db.execute("SELECT bytes, lineno FROM objects WHERE sha256=?", (entry.sha256,)).fetchone()
+        row = db.execute("SELECT bytes, lineno FROM objects WHERE sha256=?", (sha256,)).fetchone()
         if row is None:
-            db.execute("INSERT INTO objects VALUES (?,?,?)", (entry.sha256, entry.bytes, lineno))
-        elif row[0] != entry.bytes:
-            yield Problem(lineno, "bytes", f"{entry.bytes} differs from line {row[1]}, which gives {row[0]} "
+            db.execute("INSERT INTO objects VALUES (?,?,?)", (sha256, size, lineno))
+        elif row[0] != size:
+            yield Problem(lineno, "bytes", f"{size} differs from line {row[1]}, which gives {row[0]} "
                                            "bytes for the same sha256")
-        src = entry.source_path
         if src is None:
             return
         row = db.execute("SELECT lineno FROM files WHERE path=?", (src,)).fetchone()

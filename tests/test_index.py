@@ -253,3 +253,36 @@ def test_build_streams_a_large_manifest(tmp_path: Path) -> None:
             assert index.lookup(BY_ID_INODE, e.logical_id.encode()) is not None
             assert index.by_sha256(e.sha256) is not None
         assert time.monotonic() - started < 5
+
+
+def test_nlink_counts_distinct_logical_ids_of_repeated_objects(tmp_path: Path) -> None:
+    m = write(tmp_path / "m.jsonl", [
+        entry(0, logical_id="A", source_path="x/1.png"),
+        entry(0, logical_id="A", source_path="x/2.png"),  # same id again: one by-id name
+        entry(0, logical_id="B"),
+        entry(1, logical_id="A"),
+        entry(2, logical_id="C", source_path="y.png"),
+        entry(3),
+    ])
+    build_index(m, tmp_path / "i.sqlite", manifest_digest="x")
+    with Index.open(tmp_path / "i.sqlite") as index:
+        files = walk(index)
+        nlinks = {index.object_for_inode(i).sha256: index.getattr(i).nlink for i in set(files.values())
+                  if index.is_object(i)}
+        assert nlinks == {sha(0): 1 + 2 + 2, sha(1): 2, sha(2): 3, sha(3): 1}
+        for ino in set(files.values()):
+            if index.is_object(ino):
+                assert index.getattr(ino).nlink == sum(1 for v in files.values() if v == ino)
+
+
+def test_fast_and_slow_lines_build_the_same_index(tmp_path: Path) -> None:
+    """Canonical lines take the fast parser, others (spaces, another field order) json.loads: same index."""
+    rows = [entry(i, logical_id=f"L{i % 3}", source_path=f"d{i % 2}/f{i}.png", etag='"e"', width=2) for i in range(20)]
+    fast = write(tmp_path / "fast.jsonl", [Entry(**{**r, "bytes": int(r["bytes"])}).to_json() for r in rows])
+    slow = write(tmp_path / "slow.jsonl", [json.dumps(dict(reversed(list(r.items())))) for r in rows])
+    trees = []
+    for m in (fast, slow):
+        build_index(m, tmp_path / f"{m.stem}.sqlite", manifest_digest="x")
+        with Index.open(tmp_path / f"{m.stem}.sqlite") as index:
+            trees.append((walk(index), list(index.iter_entries())))
+    assert trees[0] == trees[1]
