@@ -436,12 +436,16 @@ class Stream:
         sequential = offset == self._next_offset
         self._next_offset = offset + size
         nblocks = reader.block_count(entry)
-        if sequential and last + 1 < nblocks:
+        if sequential and last >= 1 and last + 1 < nblocks:
+            # Not before the reading leaves block 0: the kernel reads 2x what a small header read asks
+            # (its own readahead), all of it in block 0, which must not pull in the rest of the object.
+            # The prefetch covers this read's own missing blocks too (first..), so the rest of a small
+            # object comes in one GET rather than one for this block and one for the following.
             window_max = reader.max_readahead // bs
             self._window = min(window_max, max(4, self._window * 2))
             rest = nblocks - (last + 1)
             ahead = rest if rest <= window_max else self._window
-            reader.prefetch(entry, last + 1, last + ahead)
+            reader.prefetch(entry, first, last + ahead)
         deadline = reader._deadline()
         blocks, fetched = reader.read_blocks(entry, first, last, deadline)
         if fetched or last == nblocks - 1:
