@@ -1,0 +1,541 @@
+"""The mount (issues 4 and 5): s3fsimg, `rclone mount` and s3fs-fuse side by side, on the same objects,
+the same local S3 server (moto behind the lab proxy) and the same machine, in one run.
+
+Workloads, for each system and each proxy first-byte latency (0 and 25 ms; `--quick`: 25 ms only):
+
+* mount time (until the root lists) and the mount process's peak RSS (VmHWM, the highest of its mounts);
+* `find` + `stat` of every name under images/ on a fresh mount (seconds, S3 requests at the proxy);
+* header reads: the first 64 KiB of every image over 1 MB, one after another, on a fresh cache
+  (seconds; bytes sent by S3 ÷ bytes asked, counted at the proxy);
+* cold full read of every image with 1, 4, 8 and 16 parallel readers (`--quick`: 8), each on a new
+  mount with a new cache, every file hashed and checked against the manifest's sha256;
+* on the 8-reader mount: the second pass (page cache dropped: the disk cache) and the third pass (the
+  kernel page cache), 8 readers, hash-checked; then an ImageFolder-style loop: 4 worker processes open
+  and decode every image with Pillow (`convert("RGB")`).
+
+Baselines measured in the same run: boto3 GETs of the same keys with the same thread counts (one
+client per thread, hash-checked the same way), and a local copy of the same files in the same
+layout, read the same way (cold: page cache dropped; warm: page-cached).
+
+Everything reads MOUNT/images/ab/cd/<sha256>.<ext>, the layout all three systems show. Each mount is
+always unmounted (`fusermount3 -u -z`) and its process stopped, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, Lab, Report, Section, drop_page_cache, fmt, step
+from bench.write import rclone_env
+
+SYSTEMS = ("s3fsimg", "rclone", "s3fs")
+PASS_READERS = 8
+IMAGEFOLDER_WORKERS = 4
+HEADER_BYTES = 64 << 10
+HEADER_MIN = 1_000_000
+MOUNT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Obj:
+    rel: str  # images/ab/cd/<sha256>.<ext>
+    sha256: str
+    size: int
+
+
+# -- workloads (each on a directory: a mount or the local copy) -----------------------------------
+
+def _hash_file(path: str) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return digest.hexdigest(), f.tell()
+
+
+def read_all(root: Path, objs: list[Obj], threads: int) -> tuple[float, int, list[str]]:
+    """Read and hash every object under root with `threads` readers: (seconds, bytes, mismatches)."""
+    base = str(root)
+
+    def one(o: Obj) -> tuple[Obj, str, int]:
+        try:
+            digest, n = _hash_file(f"{base}/{o.rel}")
+        except OSError as exc:
+            return o, f"error {exc.errno}", 0
+        return o, digest, n
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(one, objs))
+    elapsed = time.perf_counter() - t
+    bad = [o.rel for o, digest, _ in results if digest != o.sha256]
+    return elapsed, sum(n for _, _, n in results), bad
+
+
+def header_reads(root: Path, objs: list[Obj]) -> float:
+    """Open each object, read its first 64 KiB, close it; one after another."""
+    t = time.perf_counter()
+    for o in objs:
+        with open(root / o.rel, "rb") as f:
+            f.read(HEADER_BYTES)
+    return time.perf_counter() - t
+
+
+def find_stat(root: Path) -> tuple[float, int]:
+    """`find DIR -printf '%y %s'`: lstat of every name. (seconds, number of regular files)."""
+    t = time.perf_counter()
+    proc = subprocess.run(["find", str(root / "images"), "-printf", "%y %s\n"], capture_output=True, text=True,
+                          check=True, timeout=600)
+    elapsed = time.perf_counter() - t
+    return elapsed, sum(1 for line in proc.stdout.splitlines() if line.startswith("f "))
+
+
+def _decode(path: str) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return len(im.convert("RGB").tobytes()) and 1
+
+
+def _warm(_: int) -> int:
+    import PIL.Image  # noqa: F401 - import before timing
+
+    return 0
+
+
+class ImageFolderLoop:
+    """A pool of worker processes (spawned and warmed up before timing), like DataLoader workers."""
+
+    def __init__(self, workers: int = IMAGEFOLDER_WORKERS) -> None:
+        self.pool = multiprocessing.get_context("spawn").Pool(workers)
+        self.pool.map(_warm, range(workers * 4))
+
+    def run(self, root: Path, objs: list[Obj]) -> float:
+        paths = [str(root / o.rel) for o in objs]
+        t = time.perf_counter()
+        decoded = sum(self.pool.map(_decode, paths, chunksize=2))
+        elapsed = time.perf_counter() - t
+        if decoded != len(paths):
+            raise RuntimeError(f"decoded {decoded} of {len(paths)} images under {root}")
+        return elapsed
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+# -- the three mounts ----------------------------------------------------------------------------
+
+def _mounted(mp: Path) -> bool:
+    target = os.path.abspath(mp)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class Mount:
+    """One mount of one system on a fresh cache directory, in the foreground (so its pid is ours)."""
+
+    def __init__(self, system: str, lab: Lab, bucket: str, work: Path, tag: str) -> None:
+        self.system, self.lab, self.bucket = system, lab, bucket
+        self.mp = work / f"mnt-{tag}"
+        self.cache = work / f"cache-{tag}"
+        self.log = work / f"{tag}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mount_seconds = 0.0
+        self.cmd, self.env = self._command(work)
+
+    def _command(self, work: Path) -> tuple[list[str], dict[str, str]]:
+        mp, cache = str(self.mp), str(self.cache)
+        if self.system == "s3fsimg":
+            env = self.lab.env(self.bucket, self.cache, DATASET_CACHE_MAX_BYTES="50G", DATASET_LOG_LEVEL="warning")
+            return [sys.executable, "-m", "s3fsimg", "mount", mp, "--foreground", "--log-file", str(self.log)], env
+        if self.system == "rclone":
+            return ["rclone", "mount", f"lab:{self.bucket}", mp, *RCLONE_FLAGS, "--cache-dir", cache], \
+                rclone_env(self.lab)
+        if self.system == "s3fs":
+            passwd = work / "s3fs-passwd"
+            if not passwd.exists():
+                passwd.write_text(f"{os.environ['AWS_ACCESS_KEY_ID']}:{os.environ['AWS_SECRET_ACCESS_KEY']}\n")
+                passwd.chmod(0o600)
+            return ["s3fs", self.bucket, mp, "-f", "-o", f"use_cache={cache}", "-o", "ro", "-o", f"url={self.lab.url}",
+                    "-o", "use_path_request_style", "-o", f"passwd_file={passwd}"], dict(os.environ)
+        raise ValueError(self.system)
+
+    def start(self) -> Mount:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        t = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        logf.close()
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while True:
+            if _mounted(self.mp):
+                with contextlib.suppress(OSError):
+                    os.listdir(self.mp)
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                text = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+                self.stop()
+                raise RuntimeError(f"{self.system} did not mount: {text}")
+            time.sleep(0.005)
+        self.mount_seconds = time.perf_counter() - t
+        return self
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the mount process (MB)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            if _mounted(self.mp):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True, timeout=30, check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+    def __enter__(self) -> Mount:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+RCLONE_FLAGS = ["--read-only", "--vfs-cache-mode", "full"]
+
+
+# -- baselines -----------------------------------------------------------------------------------
+
+class Boto3Reader:
+    """GETs of whole objects with N threads, one client per thread (built before timing), hash-checked."""
+
+    def __init__(self, lab: Lab, bucket: str, threads: int) -> None:
+        self.bucket = bucket
+        self._clients = [lab.client(response_checksum_validation="when_required") for _ in range(threads)]
+        self._local = threading.local()
+        self._next = 0
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(threads, initializer=self._init)
+        list(self.pool.map(lambda _: None, range(threads * 2)))
+
+    def _init(self) -> None:
+        with self._lock:
+            self._local.c = self._clients[self._next]
+            self._next += 1
+
+    def read_all(self, objs: list[Obj]) -> tuple[float, int, list[str]]:
+        def one(o: Obj) -> tuple[Obj, str, int]:
+            body = self._local.c.get_object(Bucket=self.bucket, Key=o.rel)["Body"]
+            h = hashlib.sha256()
+            n = 0
+            while chunk := body.read(1 << 18):
+                h.update(chunk)
+                n += len(chunk)
+            return o, h.hexdigest(), n
+
+        t = time.perf_counter()
+        results = list(self.pool.map(one, objs))
+        elapsed = time.perf_counter() - t
+        return elapsed, sum(n for *_, n in results), [o.rel for o, d, _ in results if d != o.sha256]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# -- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """Figures of one system (or baseline) at one latency."""
+
+    cold: dict[int, float] = field(default_factory=dict)  # readers -> seconds
+    pass2: float | None = None
+    pass3: float | None = None
+    header_s: float | None = None
+    header_ratio: float | None = None
+    imagefolder: float | None = None
+    find_s: float | None = None
+    find_requests: int | None = None
+    mount_s: list[float] = field(default_factory=list)
+    rss_mb: float = 0.0
+    bad: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _check(res: Result, what: str, bad: list[str]) -> None:
+    if bad:
+        res.bad.append(f"{what}: {len(bad)} files with wrong bytes, e.g. {bad[0]}")
+
+
+def measure_system(system: str, lab: Lab, bucket: str, work: Path, objs: list[Obj], large: list[Obj],
+                   readers: list[int], loop: ImageFolderLoop, latency: int) -> Result:
+    assert lab.proxy is not None
+    res = Result()
+    tag = f"{system}-{latency}"
+    total = sum(o.size for o in objs)
+    with step(f"{system} at {latency} ms: find, header reads"), Mount(system, lab, bucket, work, f"{tag}-meta") as m:
+        res.mount_s.append(m.mount_seconds)
+        lab.proxy.reset()
+        res.find_s, nfiles = find_stat(m.mp)
+        res.find_requests = int(lab.proxy.counts()["requests"])
+        if nfiles != len(objs):
+            res.bad.append(f"find saw {nfiles} files under images/, expected {len(objs)}")
+        if large:
+            lab.proxy.reset()
+            res.header_s = header_reads(m.mp, large)
+            res.header_ratio = lab.proxy.get_bytes("images/") / (len(large) * HEADER_BYTES)
+        res.rss_mb = max(res.rss_mb, m.peak_rss_mb())
+    for r in readers:
+        with step(f"{system} at {latency} ms: cold read, {r} readers"), \
+                Mount(system, lab, bucket, work, f"{tag}-r{r}") as m:
+            res.mount_s.append(m.mount_seconds)
+            t, n, bad = read_all(m.mp, objs, r)
+            _check(res, f"cold read with {r} readers", bad)
+            if n != total:
+                res.bad.append(f"cold read with {r} readers: {n} bytes, expected {total}")
+            res.cold[r] = t
+            print(f"     {total / 1e6 / t:.1f} MB/s", flush=True)
+            if r == PASS_READERS:
+                drop_page_cache()
+                t, _, bad = read_all(m.mp, objs, PASS_READERS)
+                _check(res, "second pass", bad)
+                res.pass2 = t
+                t, _, bad = read_all(m.mp, objs, PASS_READERS)
+                _check(res, "third pass", bad)
+                res.pass3 = t
+                res.imagefolder = loop.run(m.mp, objs)
+                print(f"     pass 2 {total / 1e6 / res.pass2:.0f} MB/s, pass 3 {total / 1e6 / res.pass3:.0f} MB/s, "
+                      f"ImageFolder {len(objs) / res.imagefolder:.0f} img/s", flush=True)
+            res.rss_mb = max(res.rss_mb, m.peak_rss_mb())
+    return res
+
+
+def measure_local(local: Path, objs: list[Obj], loop: ImageFolderLoop, rounds: int) -> Result:
+    res = Result()
+    pass2, pass3, folder, finds = [], [], [], []
+    for _ in range(rounds):
+        drop_page_cache()
+        t, _, bad = read_all(local, objs, PASS_READERS)
+        _check(res, "local cold", bad)
+        pass2.append(t)
+        pass3.append(read_all(local, objs, PASS_READERS)[0])
+        folder.append(loop.run(local, objs))
+        finds.append(find_stat(local)[0])
+    res.pass2, res.pass3, res.imagefolder, res.find_s = min(pass2), min(pass3), min(folder), min(finds)
+    res.find_requests = 0
+    return res
+
+
+# -- the suite -----------------------------------------------------------------------------------
+
+def _prepare(lab: Lab, data: Path, work: Path) -> tuple[str, list[Obj], Path]:
+    """Upload the data with s3fsimg; the distinct objects; a local copy in the same layout."""
+    from s3fsimg.config import Config
+    from s3fsimg.manifest import iter_entries
+    from s3fsimg.s3 import S3Store
+    from s3fsimg.uploader import upload
+
+    bucket = lab.new_bucket("mount")
+    config = Config(bucket=bucket, endpoint_url=lab.url, addressing_style="path", cache_dir=work / "upload-cache")
+    upload(config, data, show_progress=False)
+    manifest = work / "manifest.jsonl"
+    manifest.write_bytes(S3Store(config).get_bytes(config.manifest_key))
+    objs = sorted({e.sha256: Obj(e.path, e.sha256, e.bytes) for _, e in iter_entries(manifest)}.values(),
+                  key=lambda o: o.rel)
+    by_sha = {}
+    for p in data.rglob("*"):
+        if p.is_file():
+            by_sha.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), p)
+    local = work / "local"
+    for o in objs:
+        dest = local / o.rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(by_sha[o.sha256], dest)
+    return bucket, objs, local
+
+
+def run(lab: Lab, report: Report, args: Any, data: Path) -> None:
+    from bench import plots
+
+    quick = bool(args.quick)
+    latencies = [25] if quick else [0, 25]
+    readers = [8] if quick else [1, 4, 8, 16]
+    available = [s for s in SYSTEMS if s == "s3fsimg" or shutil.which(s)]
+    sec = report.section("Mount: s3fsimg vs rclone mount vs s3fs-fuse")
+    work = Path(tempfile.mkdtemp(prefix="bench-mount-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    loop: ImageFolderLoop | None = None
+    try:
+        with step("uploading and copying the data"):
+            bucket, objs, local = _prepare(lab, data, work)
+        total = sum(o.size for o in objs)
+        large = [o for o in objs if o.size > HEADER_MIN]
+        sec.intro = (
+            f"{len(objs)} distinct images, {total / 1e6:.0f} MB ({len(large)} over 1 MB, up to "
+            f"{max(o.size for o in objs) / 1e6:.1f} MB), uploaded once; every system reads the same objects "
+            f"under MOUNT/images/ab/cd/<sha256>.<ext>. Latencies: {', '.join(f'{x} ms' for x in latencies)} "
+            f"first-byte latency per request at the lab proxy. Cold reads use {', '.join(map(str, readers))} "
+            f"parallel readers, each on a new mount with a new cache; passes 2 and 3 and the ImageFolder loop "
+            f"run on the {PASS_READERS}-reader mount. Every file read is hashed and checked against the manifest."
+            + (" **Quick mode**: small data, 25 ms only, 8 readers only, one round of each baseline." if quick else ""))
+        loop = ImageFolderLoop()
+        rounds = 1 if quick else 2
+        with step("local copy"):
+            local_res = measure_local(local, objs, loop, rounds)
+        results: dict[int, dict[str, Result]] = {}
+        for latency in latencies:
+            lab.latency(latency)
+            per: dict[str, Result] = {}
+            with step(f"boto3 at {latency} ms"):
+                b = Result()
+                for r in readers:
+                    reader = Boto3Reader(lab, bucket, r)
+                    try:
+                        times = []
+                        for _ in range(rounds):
+                            t, _, bad = reader.read_all(objs)
+                            _check(b, f"boto3 {r} threads", bad)
+                            times.append(t)
+                        b.cold[r] = min(times)
+                    finally:
+                        reader.close()
+                per["boto3"] = b
+            for system in available:
+                try:
+                    per[system] = measure_system(system, lab, bucket, work, objs, large, readers, loop, latency)
+                except Exception as exc:  # a peer that fails is reported, not fatal
+                    print(f"  !! {system} at {latency} ms failed: {exc}", flush=True)
+                    per[system] = Result(error=str(exc)[:300])
+            results[latency] = per
+        lab.latency(0)
+        local_res2 = measure_local(local, objs, loop, 1)  # again at the end: the best of both
+        for attr in ("pass2", "pass3", "imagefolder", "find_s"):
+            setattr(local_res, attr, min(getattr(local_res, attr), getattr(local_res2, attr)))
+        _report(sec, results, local_res, objs, large, readers, quick)
+        plots.mount_plots(sec, args, results, local_res, total, len(objs), readers)
+    finally:
+        if loop is not None:
+            loop.close()
+        for mp in work.glob("mnt-*"):
+            if _mounted(mp):
+                subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+        lab.latency(0)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mbps(total: int, seconds: float | None) -> float:
+    return total / 1e6 / seconds if seconds else 0.0
+
+
+def _report(sec: Section, results: dict[int, dict[str, Result]], local: Result, objs: list[Obj], large: list[Obj],
+            readers: list[int], quick: bool) -> None:
+    total, n = sum(o.size for o in objs), len(objs)
+    goal_r = PASS_READERS if PASS_READERS in readers else readers[-1]
+    for latency, per in results.items():
+        ours, boto = per.get("s3fsimg"), per["boto3"]
+        peers = {k: v for k, v in per.items() if k in ("rclone", "s3fs") and v.error is None}
+        if ours is None or ours.error:
+            sec.notes.append(f"s3fsimg failed at {latency} ms: {ours.error if ours else 'not run'}")
+            continue
+        # cold reads
+        for r in readers:
+            mb = _mbps(total, ours.cold.get(r))
+            goal = 1.0 if (latency == 25 and r == goal_r) else None
+            sec.add(f"cold read, {r} readers, {latency} ms", mb, "MB/s", baseline=f"boto3 GET, {r} threads",
+                    ratio=boto.cold[r] / ours.cold[r], goal=goal)
+            peer_best = max((_mbps(total, p.cold.get(r)) for p in peers.values()), default=0.0)
+            if peer_best:
+                sec.add(f"cold read, {r} readers, {latency} ms (vs peers)", mb, "MB/s",
+                        baseline="better of rclone, s3fs", ratio=mb / peer_best,
+                        goal=1.5 if (latency == 25 and r == goal_r) else None)
+        if ours.pass2:
+            sec.add(f"second pass (disk cache), {latency} ms", _mbps(total, ours.pass2), "MB/s",
+                    baseline="local copy, page cache dropped", ratio=local.pass2 / ours.pass2 if local.pass2 else None,
+                    goal=0.8)
+        if ours.pass3:
+            sec.add(f"third pass (page cache), {latency} ms", _mbps(total, ours.pass3), "MB/s",
+                    baseline="local copy, page-cached", ratio=local.pass3 / ours.pass3 if local.pass3 else None,
+                    goal=0.95)
+        if ours.header_ratio is not None and ours.header_s:
+            sec.add(f"64 KiB header reads, {len(large)} images > 1 MB, {latency} ms", ours.header_ratio,
+                    "fetched ÷ asked", goal=4.0, lower_is_better=True)
+            peer_hdr = [p.header_s for p in peers.values() if p.header_s]
+            if peer_hdr:
+                sec.add(f"64 KiB header reads, time, {latency} ms", ours.header_s, "s",
+                        baseline="faster of rclone, s3fs", ratio=min(peer_hdr) / ours.header_s, goal=1.0)
+        if ours.imagefolder and local.imagefolder:
+            sec.add(f"ImageFolder loop ({IMAGEFOLDER_WORKERS} workers, cached), {latency} ms", n / ours.imagefolder,
+                    "images/s", baseline="same loop on the local copy", ratio=local.imagefolder / ours.imagefolder,
+                    goal=0.9)
+        if ours.find_s is not None and local.find_s:
+            sec.add(f"find + stat, S3 requests, {latency} ms", float(ours.find_requests or 0), "requests", goal=0,
+                    lower_is_better=True)
+            sec.add(f"find + stat, time, {latency} ms", ours.find_s, "s", baseline="local tree (ours ÷ local)",
+                    ratio=ours.find_s / local.find_s, goal=3.0, lower_is_better=True)
+        sec.add(f"mount time (fresh cache), {latency} ms", min(ours.mount_s), "s")
+        sec.add(f"mount process peak RSS, {latency} ms", ours.rss_mb, "MB")
+
+        header = ["system", "mount s", "peak RSS MB", *[f"cold {r}r MB/s (img/s)" for r in readers],
+                  f"pass 2 MB/s", f"pass 3 MB/s", "header s", "header fetched÷asked", "ImageFolder img/s",
+                  "find+stat s", "find+stat S3 requests"]
+        rows = []
+        for name in ("s3fsimg", "rclone", "s3fs", "boto3"):
+            res = per.get(name)
+            if res is None:
+                continue
+            if res.error:
+                rows.append([name, f"failed: {res.error[:80]}"] + [""] * (len(header) - 2))
+                continue
+            rows.append([
+                name, fmt(min(res.mount_s)) if res.mount_s else "", fmt(res.rss_mb) if res.rss_mb else "",
+                *[f"{fmt(_mbps(total, res.cold[r]))} ({fmt(n / res.cold[r])})" if r in res.cold else "" for r in readers],
+                fmt(_mbps(total, res.pass2)) if res.pass2 else "", fmt(_mbps(total, res.pass3)) if res.pass3 else "",
+                fmt(res.header_s) if res.header_s is not None else "",
+                f"{res.header_ratio:.2f}" if res.header_ratio is not None else "",
+                fmt(n / res.imagefolder) if res.imagefolder else "",
+                fmt(res.find_s) if res.find_s is not None else "",
+                str(res.find_requests) if res.find_requests is not None else ""])
+        rows.append(["local copy", "", "", *["" for _ in readers], fmt(_mbps(total, local.pass2)),
+                     fmt(_mbps(total, local.pass3)), "", "", fmt(n / local.imagefolder) if local.imagefolder else "",
+                     fmt(local.find_s) if local.find_s else "", "0"])
+        sec.tables.append(([f"{latency} ms: {header[0]}", *header[1:]], rows))
+        for name, res in per.items():
+            for problem in res.bad:
+                sec.notes.append(f"**{name} at {latency} ms: {problem}**")
+    sec.notes.append(
+        "How each system runs (each mount in the foreground so its peak RSS can be read, on a fresh cache "
+        "directory): s3fsimg: `python -m s3fsimg mount MP --foreground` with S3_ENDPOINT_URL=proxy, "
+        "S3_ADDRESSING_STYLE=path, DATASET_CACHE_DIR=fresh dir, DATASET_CACHE_MAX_BYTES=50G (defaults otherwise: "
+        "256 KiB blocks, objects up to 1 MiB fetched whole). rclone: `rclone mount lab:BUCKET MP "
+        + " ".join(RCLONE_FLAGS) + " --cache-dir DIR`, remote configured through RCLONE_CONFIG_LAB_TYPE=s3, "
+        "PROVIDER=Other, ENDPOINT=proxy, FORCE_PATH_STYLE=true, REGION=us-east-1 (other settings default: "
+        "--vfs-read-chunk-size 128M, --dir-cache-time 5m, --buffer-size 16M). s3fs: `s3fs BUCKET MP -f "
+        "-o use_cache=DIR -o ro -o url=http://PROXY -o use_path_request_style -o passwd_file=FILE` (0600; "
+        "other settings default: parallel_count 5, multipart_size 10 MB, stat_cache_expire none).")
+    sec.notes.append(
+        "Ratios: throughputs are baseline time ÷ s3fsimg time (higher is better); header-read time is the "
+        "faster peer's time ÷ s3fsimg's; find + stat is s3fsimg's time ÷ the local tree's (lower is better). "
+        "The local copy is read with the same code: 8 readers, page cache dropped (its pass-2 figure) or "
+        "page-cached (pass 3); its figures are the best of the rounds before and after the mounts. "
+        "Peak RSS is the highest VmHWM of the mount process over its mounts at that latency.")

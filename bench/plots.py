@@ -1,0 +1,94 @@
+"""PNG plots of the bench (matplotlib, Agg backend: no display needed; a bench-only dependency).
+
+The full bench writes to docs/img/ (next to docs/benchmarks.md, linked from the README); `--quick`
+writes beside its own report (bench/out/img/) so a CI run never overwrites the committed plots.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.common import ROOT, Section
+
+if TYPE_CHECKING:
+    from bench.mount import Result
+
+COLORS = {"s3fsimg": "#1f77b4", "rclone": "#ff7f0e", "s3fs": "#2ca02c", "boto3": "#7f7f7f", "local copy": "#9467bd"}
+
+
+def report_path(args: Any) -> Path:
+    """Where `python -m bench` writes its report (the same rule as bench/__main__.py)."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    return ROOT / "bench" / "out" / "benchmarks-quick.md" if args.quick else ROOT / "docs" / "benchmarks.md"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, sec: Section, args: Any, name: str, caption: str) -> None:
+    out = report_path(args)
+    img = out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    path = img / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    sec.plots.append((caption, os.path.relpath(path, out.parent)))
+    print(f"  plot: {path}", flush=True)
+
+
+def mount_plots(sec: Section, args: Any, results: dict[int, dict[str, Result]], local: Result, total: int,
+                n: int, readers: list[int]) -> None:
+    """Throughput by readers (cold) and by pass (cold, disk cache, page cache), for each system."""
+    plt = _pyplot()
+    latencies = sorted(results)
+    systems = ["s3fsimg", "rclone", "s3fs", "boto3"]
+
+    fig, axes = plt.subplots(1, len(latencies), figsize=(5.5 * len(latencies), 4), squeeze=False)
+    for ax, latency in zip(axes[0], latencies):
+        for name in systems:
+            res = results[latency].get(name)
+            if res is None or res.error or not res.cold:
+                continue
+            xs = [r for r in readers if r in res.cold]
+            ax.plot(xs, [total / 1e6 / res.cold[r] for r in xs], marker="o", label=name, color=COLORS[name])
+        ax.set_title(f"cold full read, {latency} ms first-byte latency")
+        ax.set_xlabel("parallel readers")
+        ax.set_ylabel("MB/s")
+        ax.set_xticks(readers)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{n} images, {total / 1e6:.0f} MB, every file hash-checked")
+    _save(fig, sec, args, "mount-throughput-by-readers.png", "Cold full-read throughput by parallel readers")
+    plt.close(fig)
+
+    passes = ["cold", "pass 2 (disk cache)", "pass 3 (page cache)"]
+    fig, axes = plt.subplots(1, len(latencies), figsize=(6 * len(latencies), 4), squeeze=False)
+    for ax, latency in zip(axes[0], latencies):
+        names = [s for s in ("s3fsimg", "rclone", "s3fs") if results[latency].get(s) and not results[latency][s].error]
+        bars: dict[str, list[float]] = {}
+        for name in names:
+            res = results[latency][name]
+            cold = res.cold.get(8) or next(iter(res.cold.values()), None)
+            bars[name] = [total / 1e6 / t if t else 0.0 for t in (cold, res.pass2, res.pass3)]
+        bars["local copy"] = [0.0, total / 1e6 / local.pass2 if local.pass2 else 0.0,
+                              total / 1e6 / local.pass3 if local.pass3 else 0.0]
+        width = 0.8 / len(bars)
+        for i, (name, values) in enumerate(bars.items()):
+            xs = [p + i * width for p in range(len(passes))]
+            ax.bar(xs, values, width, label=name, color=COLORS[name])
+        ax.set_xticks([p + width * (len(bars) - 1) / 2 for p in range(len(passes))], passes)
+        ax.set_title(f"8 readers by pass, {latency} ms")
+        ax.set_ylabel("MB/s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    _save(fig, sec, args, "mount-throughput-by-pass.png", "Throughput by pass (8 readers)")
+    plt.close(fig)
