@@ -6,6 +6,10 @@ from a manifest (`build_index`), how it is found or built for a bucket's manifes
 
 Nothing here holds a manifest in Python objects. The manifest is streamed once into `entries` (batched
 inserts, one transaction per batch); everything else is derived from that table by SQL that runs in C.
+Lines go through `manifest.fast_fields` (a tuple straight from a regex, no dict, no Entry; it agrees with
+`parse_line` by property test) and only non-canonical or bad lines through json.loads + `parse_entry`.
+Where the build time goes at 1,000,000 lines (2 cores, measured): parsing ~4.5 s, inserts ~4.5 s, the
+GROUP BY that makes `objects` ~3.5 s (a sort of every entries row), indexes ~2 s.
 Only what cannot be computed is stored: `images/` and `by-id/` are *views* of `entries`/`objects`
 answered through their indexes (a name there is `<sha256>.<ext>`, so a lookup is one index probe on
 the hash), while `by-path/` names are real rows (`pnames`), because a source tree is arbitrary. This
