@@ -330,7 +330,8 @@ class Validator:
             """
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;
             -- sha256 -> size and the first line that named it
-            CREATE TABLE objects(sha256 TEXT PRIMARY KEY, bytes INTEGER, lineno INTEGER) WITHOUT ROWID;
+            CREATE TABLE objects(sha256 TEXT PRIMARY KEY, bytes INTEGER, content_type TEXT, lineno INTEGER)
+                WITHOUT ROWID;
             -- every source_path and the line that named it
             CREATE TABLE files(path TEXT PRIMARY KEY, lineno INTEGER) WITHOUT ROWID;
             -- every directory implied by a source_path, and the first line that implied it
@@ -356,7 +357,7 @@ class Validator:
         fields = fast_fields(raw) if isinstance(raw, bytes) else None
         if fields is not None:  # a canonical, valid line: only the cross-line rules are left to check
             self.entries += 1
-            yield from self._cross(lineno, fields[0], fields[1], fields[7])
+            yield from self._cross(lineno, fields[0], fields[1], fields[2], fields[7])
             return
         if not raw.strip():
             return
@@ -379,16 +380,19 @@ class Validator:
                 yield Problem(lineno, exc.field, str(exc).split(": ", 1)[-1] if exc.field else str(exc))
             return
         self.entries += 1
-        yield from self._cross(lineno, entry.sha256, entry.bytes, entry.source_path)
+        yield from self._cross(lineno, entry.sha256, entry.bytes, entry.content_type, entry.source_path)
 
-    def _cross(self, lineno: int, sha256: str, size: int, src: str | None) -> Iterator[Problem]:
+    def _cross(self, lineno: int, sha256: str, size: int, ctype: str, src: str | None) -> Iterator[Problem]:
         db = self._db
-        row = db.execute("SELECT bytes, lineno FROM objects WHERE sha256=?", (sha256,)).fetchone()
+        row = db.execute("SELECT bytes, content_type, lineno FROM objects WHERE sha256=?", (sha256,)).fetchone()
         if row is None:
-            db.execute("INSERT INTO objects VALUES (?,?,?)", (sha256, size, lineno))
+            db.execute("INSERT INTO objects VALUES (?,?,?,?)", (sha256, size, ctype, lineno))
         elif row[0] != size:
-            yield Problem(lineno, "bytes", f"{size} differs from line {row[1]}, which gives {row[0]} "
+            yield Problem(lineno, "bytes", f"{size} differs from line {row[2]}, which gives {row[0]} "
                                            "bytes for the same sha256")
+        elif row[1] != ctype:
+            yield Problem(lineno, "content_type", f"{ctype!r} differs from line {row[2]}, which gives {row[1]!r} "
+                                                  "for the same sha256 (one object has one type)")
         if src is None:
             return
         row = db.execute("SELECT lineno FROM files WHERE path=?", (src,)).fetchone()

@@ -84,6 +84,7 @@ def test_cross_line_rules(tmp_path: Path) -> None:
         json.dumps(good(source_path="a/b.jpg")),  # 3: duplicate source_path
         json.dumps(good(source_path="a")),  # 4: a directory of line 1
         json.dumps(good(source_path="a/b.jpg/x.jpg")),  # 5: under a file
+        json.dumps({**good(content_type="image/png", source_path="p.png"), "path": object_path(SHA, "image/png")}),
     ]
     proc = run_validate(tmp_path, lines)
     assert proc.returncode == 1
@@ -93,7 +94,8 @@ def test_cross_line_rules(tmp_path: Path) -> None:
     assert f"{where}:3: source_path: 'a/b.jpg' is already named on line 1" in text
     assert f"{where}:4: source_path: 'a' is a directory of the source_path on line 1" in text
     assert f"{where}:5: source_path: 'a/b.jpg/x.jpg' lies under 'a/b.jpg'" in text
-    assert "invalid: 4 error(s)" in text
+    assert f"{where}:6: content_type: 'image/png' differs from line 1" in text
+    assert "invalid: 5 error(s)" in text
 
 
 def test_missing_manifest_file_is_one_line(tmp_path: Path) -> None:
