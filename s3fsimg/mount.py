@@ -271,18 +271,17 @@ def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Calla
         except RuntimeError as exc:
             raise MountError(f"{mp}: the kernel refused the mount ({exc}); see the log for libfuse's reason") \
                 from None
-        set_readahead(mp)
         log.info("mounted %s at %s (%d entries)", config.where(config.manifest_key), mp, index.entry_count())
         clean = False
         try:
-            trio.run(_main, ready_fd)
+            trio.run(_main, ready_fd, mp)
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
             log.info("unmounted %s", mp)
 
 
-async def _main(ready_fd: int | None) -> None:
+async def _main(ready_fd: int | None, mp: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
 
@@ -291,7 +290,12 @@ async def _main(ready_fd: int | None) -> None:
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(fuse)
-        await trio.sleep(0)
+        # A stat of the root from a thread returns once the kernel's INIT is answered (the loop above
+        # serves both). Only then may the readahead be raised: INIT's reply caps it at what the kernel
+        # offered in INIT (the default 128 KiB).
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.stat, mp)
+        set_readahead(mp)
         _report(ready_fd, "ready")
 
 
