@@ -52,7 +52,7 @@ def mount_plots(sec: Section, args: Any, results: dict[int, dict[str, Result]], 
     systems = ["s3fsimg", "rclone", "s3fs", "boto3"]
 
     fig, axes = plt.subplots(1, len(latencies), figsize=(5.5 * len(latencies), 4), squeeze=False)
-    for ax, latency in zip(axes[0], latencies):
+    for ax, latency in zip(axes[0], latencies, strict=False):
         for name in systems:
             res = results[latency].get(name)
             if res is None or res.error or not res.cold:
@@ -72,7 +72,7 @@ def mount_plots(sec: Section, args: Any, results: dict[int, dict[str, Result]], 
 
     passes = ["cold", "pass 2 (disk cache)", "pass 3 (page cache)"]
     fig, axes = plt.subplots(1, len(latencies), figsize=(6 * len(latencies), 4), squeeze=False)
-    for ax, latency in zip(axes[0], latencies):
+    for ax, latency in zip(axes[0], latencies, strict=False):
         names = [s for s in ("s3fsimg", "rclone", "s3fs") if results[latency].get(s) and not results[latency][s].error]
         bars: dict[str, list[float]] = {}
         for name in names:
@@ -83,8 +83,8 @@ def mount_plots(sec: Section, args: Any, results: dict[int, dict[str, Result]], 
                               total / 1e6 / local.pass3 if local.pass3 else 0.0]
         width = 0.8 / len(bars)
         for i, (name, values) in enumerate(bars.items()):
-            xs = [p + i * width for p in range(len(passes))]
-            ax.bar(xs, values, width, label=name, color=COLORS[name])
+            xpos = [float(p) + i * width for p in range(len(passes))]
+            ax.bar(xpos, values, width, label=name, color=COLORS[name])
         ax.set_xticks([p + width * (len(bars) - 1) / 2 for p in range(len(passes))], passes)
         ax.set_title(f"8 readers by pass, {latency} ms")
         ax.set_ylabel("MB/s")
