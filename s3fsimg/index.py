@@ -8,12 +8,23 @@ Nothing here holds a manifest in Python objects. The manifest is streamed once i
 inserts, one transaction per batch); everything else is derived from that table by SQL that runs in C.
 Lines go through `manifest.fast_fields` (a tuple straight from a regex, no dict, no Entry; it agrees with
 `parse_line` by property test) and only non-canonical or bad lines through json.loads + `parse_entry`.
-Where the build time goes at 1,000,000 lines (2 cores, measured): parsing ~4.5 s, inserts ~4.5 s, the
-GROUP BY that makes `objects` ~3.5 s (a sort of every entries row), indexes ~2 s.
-Only what cannot be computed is stored: `images/` and `by-id/` are *views* of `entries`/`objects`
-answered through their indexes (a name there is `<sha256>.<ext>`, so a lookup is one index probe on
-the hash), while `by-path/` names are real rows (`pnames`), because a source tree is arbitrary. This
-keeps a 1,000,000-entry index at about half the size of a table of every name, and its build short.
+
+Only what cannot be computed is stored. An object (a distinct sha256) is not a table: it is the row of
+its first line, found through the hash index, which also lists `images/ab/cd` in hash order (a name
+there is `<sha256>.<ext>`, so a lookup is one index probe on the hash). The rare later lines of an
+object point at that first row (`obj`). `by-id/` is a view of `entries` through its logical_id index;
+`by-path/` names are columns of `entries` (`parent_k`, `name`) plus one `pdirs` row per directory,
+because a source tree is arbitrary. A 1,000,000-entry index is ~250 MB.
+
+Building, and where the time goes at 1,000,000 lines (2 cores, measured; `build_index` returns the
+phases): `ensure_index` runs the build in a child process (`python -m s3fsimg.index build`), so a mount
+never holds the builder's memory (~80 MB). That process parses the first half of the manifest while a
+helper process (`... part`) parses the second half, split at a line boundary, into its own temporary
+database (~3.5 s for both); it then appends the helper's rows with an id offset, renumbering its by-path
+directories into the whole manifest's order of first appearance (~0.5 s). Then, in SQL: the hash index
+(~0.8 s), the objects named on several lines and their link counts (~1.3 s for 50,000 such objects),
+the logical_id and by-path name indexes (~0.7 s), `lids` and directory link counts (~0.5 s); ~7.5 s in
+all. Errors name the manifest line: a helper's line numbers are offset by the lines before its part.
 
 On-disk layout, under the cache directory::
 
@@ -54,14 +65,17 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from s3fsimg.errors import BackendError, ManifestError, NotFound, S3fsimgError
 from s3fsimg.manifest import Entry, EntryProblem, extension_for, fast_fields, parse_fields
@@ -73,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bump when the schema or the inode layout changes; an index of another version is rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 ROOT_INODE = 1
 IMAGES_INODE = 2
@@ -90,37 +104,37 @@ ROOT_NAMES = ((b"images", IMAGES_INODE), (b"by-id", BY_ID_INODE), (b"by-path", B
 
 _BATCH = 20_000  # rows per insert transaction while streaming the manifest
 _PAGE = 512  # rows fetched per readdir query
+_PART_BYTES = 64 << 20  # a manifest is parsed in parallel parts of at least this size (one per core, at most 4)
+_BUILD_PRAGMAS = ("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000; "
+                  "PRAGMA temp_store=FILE;")
 
 # The whole schema, in one place. Tables are created empty before the load; INDEXES after it.
 SCHEMA = """
 -- Facts about this index, checked on open. Keys: format_version, manifest_sha256, manifest_bytes,
--- mtime_ns, entry_count, object_count, logical_id_count, pdir_count, built_at.
+-- mtime_ns, entry_count, object_count, logical_id_count, pdir_count, name_count, built_at.
 CREATE TABLE metadata(
     key   TEXT PRIMARY KEY,   -- name of the fact
     value TEXT NOT NULL       -- its value, as text
 ) WITHOUT ROWID;
 
 -- One row per manifest line (blank lines skipped), in manifest order. `path` is not stored: it is
--- images/ab/cd/<sha256>.<ext of content_type>, which the manifest parser has checked.
+-- images/ab/cd/<sha256>.<ext of content_type>, which the manifest parser has checked. An object (a
+-- distinct sha256) is the row of its first line: inode OBJ_BASE + id, attributes from that row.
 CREATE TABLE entries(
     id           INTEGER PRIMARY KEY,  -- 0-based position among the entries: nth_entry(id)
-    sha256       BLOB NOT NULL,        -- object hash, 32 raw bytes
+    sha256       BLOB NOT NULL,        -- object hash, 32 raw bytes (index entries_sha256: images/, in hash order)
     bytes        INTEGER NOT NULL,     -- object size
     content_type TEXT NOT NULL,        -- image/...
     width        INTEGER,              -- pixels, or NULL
     height       INTEGER,              -- pixels, or NULL
     logical_id   TEXT,                 -- by-id/<logical_id>, or NULL
     etag         TEXT,                 -- S3 ETag with its quotes, or NULL
-    source_path  TEXT                  -- by-path/<source_path>, or NULL
-);
-
--- One row per distinct object: the inode every name of it shares.
-CREATE TABLE objects(
-    inode  INTEGER PRIMARY KEY,  -- OBJ_BASE + entries.id of the object's first line
-    sha256 BLOB NOT NULL,        -- 32 raw bytes (unique index objects_sha256)
-    dir    INTEGER NOT NULL,     -- 0xabcd: its directory images/ab/cd (index objects_dir: readdir order)
-    bytes  INTEGER NOT NULL,     -- st_size
-    nlink  INTEGER NOT NULL      -- st_nlink: 1 (images/) + distinct logical ids + source paths
+    source_path  TEXT,                 -- by-path/<source_path>, or NULL
+    parent_k     INTEGER,              -- by-path: pdirs.k of the directory of source_path (0: by-path), or NULL
+    name         TEXT,                 -- by-path: the file's name (source_path's last component), or NULL
+    nlink        INTEGER,              -- on an object's first line its st_nlink: 1 (images/) + distinct
+                                       -- logical ids + source paths; NULL on the object's later lines
+    obj          INTEGER               -- on an object's later lines the id of its first line; NULL on the first
 );
 
 -- One row per distinct logical id: the by-id/<logical_id> directories, in readdir order.
@@ -128,36 +142,27 @@ CREATE TABLE lids(
     id INTEGER PRIMARY KEY       -- entries.id of the first line with this logical id
 );
 
--- One row per by-path directory.
+-- One row per by-path directory (its files are the entries rows with parent_k = k).
 CREATE TABLE pdirs(
     k        INTEGER PRIMARY KEY,  -- directory number (inode OBJ_BASE + 2E + k), order of first appearance
     parent_k INTEGER NOT NULL,     -- its parent's k; 0 is by-path itself
+    name     TEXT NOT NULL,        -- its name in the parent
     nlink    INTEGER NOT NULL      -- st_nlink: 2 + subdirectories
-);
-
--- One row per name under by-path/ (files and directories).
-CREATE TABLE pnames(
-    id       INTEGER PRIMARY KEY,  -- readdir key: stable, increasing within a directory
-    parent_k INTEGER NOT NULL,     -- pdirs.k of the directory holding the name; 0 is by-path itself
-    name     BLOB NOT NULL,        -- the name's bytes (UTF-8)
-    entry    INTEGER,              -- a file: entries.id of its line (NULL for a directory)
-    child_k  INTEGER               -- a directory: its pdirs.k (NULL for a file)
 );
 """
 
 INDEXES = (
-    "CREATE UNIQUE INDEX objects_sha256 ON objects(sha256)",          # by_sha256, images/ lookup
-    "CREATE INDEX objects_dir ON objects(dir)",                       # images/ab/cd readdir (dir, inode)
+    "CREATE INDEX entries_sha256 ON entries(sha256)",  # objects: images/ lookup, readdir by hash; duplicates
     "CREATE INDEX entries_logical_id ON entries(logical_id) WHERE logical_id IS NOT NULL",  # by-id
-    "CREATE UNIQUE INDEX pnames_name ON pnames(parent_k, name)",      # by-path lookup; duplicate check
-    "CREATE INDEX pnames_parent ON pnames(parent_k)",                 # by-path readdir (parent_k, id)
+    # by-path files: lookup, readdir by name; a source_path named twice
+    "CREATE UNIQUE INDEX entries_name ON entries(parent_k, name) WHERE parent_k IS NOT NULL",
+    "CREATE UNIQUE INDEX pdirs_name ON pdirs(parent_k, name)",  # by-path directories: lookup, readdir by name
 )
 
 
-def _dir16(sha: bytes) -> int:
-    """0xabcd of the directory images/ab/cd of a raw sha256."""
-    return (sha[0] << 8) | sha[1]
-
+def _hash_bound(d: int) -> bytes:
+    """The smallest blob >= every sha256 of the directories images/ab/cd with 0xabcd >= d (d <= 0x10000)."""
+    return bytes((d >> 8, d & 0xFF)) if d < 0x10000 else b"\xff" * 33
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +181,10 @@ class Attr:
 # ----------------------------------------------------------------------------------------------
 
 def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where: str | None = None,
-                mtime_ns: int | None = None) -> None:
-    """Compile `manifest_file` into the index `dest`, atomically.
+                mtime_ns: int | None = None, parts: int | None = None) -> dict[str, float]:
+    """Compile `manifest_file` into the index `dest`, atomically, in this process (and `parts - 1`
+    helper processes that parse the later parts of the manifest; default: one part per 64 MB, at most
+    one per core and 4). Returns where the time went (seconds per phase).
 
     `manifest_digest` is the sha256 of the manifest's bytes, recorded in the metadata. `where` names
     the manifest in error messages (`s3://bucket/key`); `mtime_ns` is the mtime every file and
@@ -192,16 +199,20 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
         stat = manifest_file.stat()
     except OSError as exc:
         raise ManifestError(f"{name}: cannot read the manifest: {exc.strerror}") from None
+    if parts is None:
+        parts = max(1, min(4, len(os.sched_getaffinity(0)), stat.st_size // _PART_BYTES))
+    times: dict[str, float] = {}
     try:
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
-            _build(db, manifest_file, name=name)
+            _build(db, manifest_file, tmp, name=name, size=stat.st_size, parts=parts, times=times)
             meta = {"format_version": FORMAT_VERSION, "manifest_sha256": manifest_digest,
                     "manifest_bytes": stat.st_size, "built_at": time.time_ns(),
                     "mtime_ns": stat.st_mtime_ns if mtime_ns is None else mtime_ns}
             db.executemany("INSERT OR REPLACE INTO metadata VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
         finally:
             db.close()
+        started = time.perf_counter()
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -210,11 +221,13 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
+        times["fsync"] = time.perf_counter() - started
     except sqlite3.Error as exc:
         raise ManifestError(f"{name}: cannot build the index at {dest}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}-journal").unlink(missing_ok=True)
+    return times
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,63 +239,224 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _build(db: sqlite3.Connection, manifest_file: Path, *, name: str) -> None:
-    db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-32000;"
-                     "PRAGMA temp_store=FILE;")
-    db.executescript(SCHEMA)
-    pdirs: dict[str, int] = {}  # by-path directory -> k: directories only, never files
-    rows: list[tuple[Any, ...]] = []
-    prows: list[tuple[int, bytes, int | None, int | None]] = []
-    drows: list[tuple[int, int, int]] = []
+class _LineError(Exception):
+    """A bad line of one part of the manifest: its line number within the part, and the problem."""
 
-    def flush() -> None:
-        db.execute("BEGIN")
-        db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?)", rows)
-        db.executemany("INSERT INTO pnames(parent_k, name, entry, child_k) VALUES (?,?,?,?)", prows)
-        db.executemany("INSERT INTO pdirs VALUES (?,?,?)", drows)
-        db.execute("COMMIT")
-        rows.clear()
-        prows.clear()
-        drows.clear()
+    def __init__(self, lineno: int, problem: str) -> None:
+        super().__init__(lineno, problem)
+        self.lineno, self.problem = lineno, problem
+
+
+@dataclass
+class _Part:
+    """What parsing one part of the manifest produced (its rows are in the part's database)."""
+
+    entries: int = 0  # lines with an entry
+    lines: int = 0  # lines, blank ones included (the next part's line numbers start after them)
+    nlinks: int = 0  # sum of the rows' default nlink (before objects named on several lines are merged)
+    dirs: dict[str, int] | None = None  # by-path directory -> the part's own k (1, 2, ... in order of appearance)
+
+
+def _split(manifest_file: Path, size: int, parts: int) -> list[int]:
+    """Byte offsets [0, b1, ..., size] cutting the manifest into `parts` runs of whole lines."""
+    cuts = [0]
+    with open(manifest_file, "rb") as f:
+        for j in range(1, parts):
+            f.seek(max(cuts[-1], size * j // parts - 1))
+            f.readline()  # to the start of the next line
+            cuts.append(min(f.tell(), size))
+    cuts.append(size)
+    return cuts
+
+
+def _parse_part(db: sqlite3.Connection, manifest_file: Path, start: int, end: int) -> _Part:
+    """Stream the lines starting in bytes [start, end) of the manifest into `db`'s entries, with ids
+    0, 1, ... and by-path directories numbered 1, 2, ... in order of appearance within this part."""
+    dirs: dict[str, int] = {}  # by-path directory -> k: directories only, never files
+    part = _Part(dirs=dirs)
+    rows: list[tuple[Any, ...]] = []
+    insert = "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL)"
 
     def pdir(path: str) -> int:
-        k = pdirs.get(path)
+        k = dirs.get(path)
         if k is None:
-            head, _, base = path.rpartition("/")
-            parent_k = pdir(head) if head else 0
-            k = len(pdirs) + 1
-            pdirs[path] = k
-            drows.append((k, parent_k, 2))
-            prows.append((parent_k, base.encode(), None, k))
+            head = path.rpartition("/")[0]
+            if head:
+                pdir(head)  # parents first: a directory's parent always has the smaller k
+            k = dirs[path] = len(dirs) + 1
         return k
 
-    n = 0
+    n = nlinks = lineno = 0
     fromhex = bytes.fromhex
-    try:
-        f = open(manifest_file, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ManifestError(f"{name}: cannot read the manifest: {exc.strerror}") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            # The fast path (no dict, no Entry) for canonical lines; parse_line for the rest and for errors.
-            fields = fast_fields(raw)
-            if fields is None:
-                if not raw.strip():
+    for raw in _lines(manifest_file, start, end):
+        lineno += 1
+        # The fast path (no dict, no Entry) for canonical lines; parse_line for the rest and for errors.
+        fields = fast_fields(raw)
+        if fields is None:
+            if not raw.strip():
+                continue
+            try:
+                fields = parse_fields(raw)
+            except EntryProblem as exc:
+                raise _LineError(lineno, str(exc)) from None
+        sha, size, ctype, width, height, lid, etag, src = fields
+        link = 1 + (lid is not None)
+        if src is None:
+            rows.append((n, fromhex(sha), size, ctype, width, height, lid, etag, None, None, None, link))
+        else:
+            head, _, base = src.rpartition("/")
+            link += 1
+            rows.append((n, fromhex(sha), size, ctype, width, height, lid, etag, src,
+                         pdir(head) if head else 0, base, link))
+        nlinks += link
+        n += 1
+        if len(rows) >= _BATCH:
+            db.execute("BEGIN")
+            db.executemany(insert, rows)
+            db.execute("COMMIT")
+            rows.clear()
+    db.execute("BEGIN")
+    db.executemany(insert, rows)
+    db.execute("COMMIT")
+    part.entries, part.lines, part.nlinks = n, lineno, nlinks
+    return part
+
+
+def _lines(manifest_file: Path, start: int, end: int, chunk: int = 4 << 20) -> Iterator[bytes]:
+    """The lines in bytes [start, end) of a file (both at line starts), without their newlines; read
+    a few MB at a time (3x faster than iterating over the file)."""
+    with open(manifest_file, "rb") as f:
+        f.seek(start)
+        left = end - start
+        carry = b""
+        while left > 0:
+            data = f.read(min(chunk, left))
+            if not data:
+                break
+            left -= len(data)
+            data = carry + data
+            if left > 0:
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
                     continue
-                try:
-                    fields = parse_fields(raw)
-                except EntryProblem as exc:
-                    raise ManifestError(f"{name}:{lineno}: {exc}") from None
-            sha, size, ctype, width, height, lid, etag, src = fields
-            rows.append((n, fromhex(sha), size, ctype, width, height, lid, etag, src))
-            if src is not None:
-                head, _, base = src.rpartition("/")
-                prows.append((pdir(head) if head else 0, base.encode(), n, None))
-            n += 1
-            if len(rows) >= _BATCH:
-                flush()
-    flush()
-    _derive(db, manifest_file, name=name, entry_count=n, pdir_count=len(pdirs))
+                carry = data[cut + 1:]
+                data = data[:cut]
+            else:
+                carry = b""
+                if data.endswith(b"\n"):
+                    data = data[:-1]
+            yield from data.split(b"\n")
+        if carry:
+            yield carry
+
+
+def _start_part(manifest_file: Path, start: int, end: int, out: Path) -> subprocess.Popen[bytes]:
+    """A helper process parsing bytes [start, end) of the manifest into the database `out`."""
+    return subprocess.Popen([sys.executable, "-m", "s3fsimg.index", "part", str(manifest_file), str(start),
+                             str(end), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env())
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a helper process: this one's, with this package importable."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _part_main(manifest_file: Path, start: int, end: int, out: Path) -> int:
+    """`python -m s3fsimg.index part`: parse one part into a new database `out`; report on stdout."""
+    db = sqlite3.connect(out, isolation_level=None)
+    try:
+        db.executescript(_BUILD_PRAGMAS)
+        db.executescript(SCHEMA)
+        try:
+            part = _parse_part(db, manifest_file, start, end)
+        except _LineError as exc:
+            print(json.dumps({"line": exc.lineno, "problem": exc.problem}))
+            return 3
+        db.execute("CREATE TABLE part_dirs(k INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO part_dirs VALUES (?,?)", [(k, p) for p, k in (part.dirs or {}).items()])
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    print(json.dumps({"entries": part.entries, "lines": part.lines, "nlinks": part.nlinks,
+                      "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    return 0
+
+
+def _build(db: sqlite3.Connection, manifest_file: Path, tmp: Path, *, name: str, size: int, parts: int,
+           times: dict[str, float]) -> None:
+    """Parse the manifest (part 0 here, the others in helper processes at the same time), merge the
+    parts into `db` in order, then derive everything else."""
+    started = time.perf_counter()
+    db.executescript(_BUILD_PRAGMAS)
+    db.executescript(SCHEMA)
+    cuts = _split(manifest_file, size, parts) if parts > 1 else [0, size]
+    helpers: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        for j in range(1, len(cuts) - 1):
+            out = tmp.with_name(f"{tmp.name}.part{j}")
+            out.unlink(missing_ok=True)
+            helpers.append((_start_part(manifest_file, cuts[j], cuts[j + 1], out), out))
+        try:
+            first = _parse_part(db, manifest_file, cuts[0], cuts[1])
+        except _LineError as exc:
+            raise ManifestError(f"{name}:{exc.lineno}: {exc.problem}") from None
+        times["parse"] = time.perf_counter() - started
+        dirs = dict(first.dirs or {})
+        n, lines, nlinks = first.entries, first.lines, first.nlinks
+        for proc, out in helpers:
+            stdout, stderr = proc.communicate()
+            report = json.loads(stdout or b"{}") if proc.returncode in (0, 3) else {}
+            if "problem" in report:
+                raise ManifestError(f"{name}:{lines + report['line']}: {report['problem']}")
+            if proc.returncode != 0 or "entries" not in report:
+                tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+                raise ManifestError(f"{name}: a helper parsing the manifest failed (exit {proc.returncode}): "
+                                    f"{tail[0]}")
+            times["parse_helpers_maxrss_mb"] = max(times.get("parse_helpers_maxrss_mb", 0.0),
+                                                   report["maxrss_kb"] / 1024)
+            _merge(db, out, offset=n, dirs=dirs)
+            out.unlink()
+            n, lines, nlinks = n + report["entries"], lines + report["lines"], nlinks + report["nlinks"]
+        times["parse+merge"] = time.perf_counter() - started
+    finally:
+        for proc, out in helpers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            out.unlink(missing_ok=True)
+    rows = []
+    for path, k in dirs.items():
+        head, _, base = path.rpartition("/")
+        rows.append((k, dirs[head] if head else 0, base))
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO pdirs VALUES (?,?,?,2)", rows)
+    db.execute("COMMIT")
+    _derive(db, manifest_file, name=name, entry_count=n, pdir_count=len(dirs), nlinks=nlinks, times=times)
+
+
+def _merge(db: sqlite3.Connection, part_db: Path, *, offset: int, dirs: dict[str, int]) -> None:
+    """Append the entries of a helper's database after the `offset` entries already in `db`, numbering
+    its by-path directories as the whole manifest does (`dirs`, extended here in order of appearance)."""
+    db.execute("ATTACH DATABASE ? AS part", (str(part_db),))
+    try:
+        kmap = []
+        for k, path in db.execute("SELECT k, path FROM part.part_dirs ORDER BY k").fetchall():
+            kmap.append((k, dirs.setdefault(path, len(dirs) + 1)))
+        db.execute("BEGIN")
+        db.execute("CREATE TEMP TABLE kmap(k INTEGER PRIMARY KEY, global_k INTEGER NOT NULL)")
+        db.executemany("INSERT INTO kmap VALUES (?,?)", [(0, 0), *kmap])
+        db.execute("INSERT INTO entries SELECT id + ?, sha256, bytes, content_type, width, height, logical_id, etag, "
+                   "source_path, (SELECT global_k FROM kmap WHERE kmap.k = p.parent_k), name, nlink, obj "
+                   "FROM part.entries p ORDER BY id", (offset,))
+        db.execute("DROP TABLE kmap")
+        db.execute("COMMIT")
+    finally:
+        db.execute("DETACH DATABASE part")
 
 
 def _lineno(manifest_file: Path, entry: int) -> int:
@@ -297,67 +471,85 @@ def _lineno(manifest_file: Path, entry: int) -> int:
     return 0
 
 
-def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_count: int, pdir_count: int) -> None:
-    """Objects, logical ids, link counts and indexes, from the loaded tables (all in SQL)."""
+def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_count: int, pdir_count: int,
+            nlinks: int, times: dict[str, float]) -> None:
+    """Objects, logical ids, link counts and indexes, from the loaded tables (all in SQL).
+
+    Objects are not a table: the hash index finds the few sha256 named on several lines, whose later
+    lines then point at the first (`obj`) and whose first line gets the link count of all of them.
+    """
+    started = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        times[phase] = now - started
+        started = now
+
     db.execute("BEGIN")
-    # Distinct objects. A name in by-id is one per distinct logical id; in by-path one per line.
-    # nlink -1 marks a conflict (reported below); -2 an object named by several logical ids, whose distinct
-    # count is computed afterwards for those few objects only (count(DISTINCT) over every group costs
-    # seconds per million lines). dir16() is a Python function: cheaper than any SQL expression on a BLOB.
-    db.create_function("dir16", 1, _dir16, deterministic=True)
-    db.execute(
-        f"""INSERT INTO objects(inode, sha256, dir, bytes, nlink)
-            SELECT {OBJ_BASE} + min(id), sha256, dir16(sha256), min(bytes),
-                   CASE WHEN min(bytes) != max(bytes) OR min(content_type) != max(content_type) THEN -1
-                        WHEN count(logical_id) > 1 THEN -2
-                        ELSE 1 + count(logical_id) + count(source_path) END
-            FROM entries GROUP BY sha256 ORDER BY min(id)"""
-    )
-    db.execute("""UPDATE objects SET nlink = 1 + fix.lids + fix.paths
-                  FROM (SELECT sha256, count(DISTINCT logical_id) AS lids, count(source_path) AS paths
-                        FROM entries WHERE sha256 IN (SELECT sha256 FROM objects WHERE nlink = -2)
-                        GROUP BY sha256) AS fix
-                  WHERE objects.sha256 = fix.sha256""")
-    n_objects = db.execute("SELECT count(*) FROM objects").fetchone()[0]
-    bad = db.execute("SELECT sha256 FROM objects WHERE nlink < 0 ORDER BY inode LIMIT 1").fetchone()
+    db.execute(INDEXES[0])
+    lap("index sha256")
+    db.execute("CREATE TEMP TABLE dups(sha256 BLOB PRIMARY KEY, first INTEGER NOT NULL) WITHOUT ROWID")
+    db.execute("INSERT INTO dups SELECT sha256, min(id) FROM entries GROUP BY sha256 HAVING count(*) > 1")
+    lap("duplicates")
+    # (CROSS JOIN: the few duplicated hashes drive every join; the planner has no statistics to know that)
+    bad = db.execute("SELECT d.first, e.id FROM dups d CROSS JOIN entries f ON f.id = d.first "
+                     "CROSS JOIN entries e ON e.sha256 = d.sha256 WHERE e.bytes != f.bytes "
+                     "OR e.content_type != f.content_type ORDER BY d.first, e.id LIMIT 1").fetchone()
     if bad is not None:
-        first, other = db.execute(
-            "SELECT f.id, e.id FROM entries f JOIN entries e ON e.sha256 = f.sha256 WHERE f.sha256=? AND "
-            "f.id = (SELECT min(id) FROM entries WHERE sha256=?) AND (e.bytes != f.bytes OR "
-            "e.content_type != f.content_type) ORDER BY e.id LIMIT 1", (bad[0], bad[0])).fetchone()
-        raise ManifestError(f"{name}:{_lineno(manifest_file, other)}: sha256 {bytes(bad[0]).hex()} has another "
-                            f"size or content_type on line {_lineno(manifest_file, first)}")
-    for statement in INDEXES:
-        try:
-            db.execute(statement)
-        except sqlite3.IntegrityError:
-            _explain_pnames_conflict(db, manifest_file, name)
-            raise
+        sha = db.execute("SELECT sha256 FROM entries WHERE id=?", (bad[0],)).fetchone()[0]
+        raise ManifestError(f"{name}:{_lineno(manifest_file, bad[1])}: sha256 {bytes(sha).hex()} has another "
+                            f"size or content_type on line {_lineno(manifest_file, bad[0])}")
+    # One name in by-id per distinct logical id; in by-path one per line.
+    before, later = db.execute("SELECT coalesce(sum(e.nlink), 0), coalesce(sum(e.id != d.first), 0) FROM dups d "
+                               "CROSS JOIN entries e ON e.sha256 = d.sha256").fetchone()
+    db.execute("UPDATE entries SET nlink = fix.n FROM (SELECT d.first, 1 + count(DISTINCT e.logical_id) + "
+               "count(e.source_path) AS n FROM dups d CROSS JOIN entries e ON e.sha256 = d.sha256 GROUP BY d.first) "
+               "AS fix WHERE entries.id = fix.first")
+    after = db.execute("SELECT coalesce(sum(e.nlink), 0) FROM dups d CROSS JOIN entries e ON e.id = d.first"
+                       ).fetchone()[0]
+    db.execute("UPDATE entries SET nlink = NULL, obj = (SELECT first FROM dups WHERE dups.sha256 = entries.sha256) "
+               "WHERE id IN (SELECT e.id FROM dups d CROSS JOIN entries e ON e.sha256 = d.sha256 "
+               "WHERE e.id != d.first)")
+    db.execute("DROP TABLE dups")
+    lap("objects")
+    db.execute(INDEXES[1])
+    lap("index logical_id")
+    try:
+        db.execute(INDEXES[2])
+    except sqlite3.IntegrityError:
+        _explain_name_conflict(db, manifest_file, name)
+        raise
+    db.execute(INDEXES[3])
+    lap("index by-path names")
+    row = db.execute("SELECT e.id, e.source_path FROM pdirs d CROSS JOIN entries e ON e.parent_k = d.parent_k "
+                     "AND e.name = d.name ORDER BY e.id LIMIT 1").fetchone()
+    if row is not None:
+        raise ManifestError(f"{name}:{_lineno(manifest_file, row[0])}: source_path: {row[1]!r} is also a "
+                            "directory of another source_path")
     db.execute("INSERT INTO lids(id) SELECT min(id) FROM entries WHERE logical_id IS NOT NULL "
                "GROUP BY logical_id ORDER BY 1")
     n_lids = db.execute("SELECT count(*) FROM lids").fetchone()[0]
     db.execute("UPDATE pdirs SET nlink = 2 + sub.n FROM (SELECT parent_k, count(*) AS n FROM pdirs "
                "GROUP BY parent_k) AS sub WHERE pdirs.k = sub.parent_k")
-    meta = {"entry_count": entry_count, "object_count": n_objects, "logical_id_count": n_lids,
-            "pdir_count": pdir_count}
+    lap("lids, pdirs")
+    meta = {"entry_count": entry_count, "object_count": entry_count - later, "logical_id_count": n_lids,
+            "pdir_count": pdir_count, "name_count": nlinks - before + after}
     db.executemany("INSERT INTO metadata VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
     db.execute("COMMIT")
+    lap("commit")
 
 
-def _explain_pnames_conflict(db: sqlite3.Connection, manifest_file: Path, name: str) -> None:
-    """Raise ManifestError for the first by-path name given twice (a file twice, or a file and a directory)."""
-    row = db.execute("SELECT parent_k, name FROM pnames GROUP BY parent_k, name HAVING count(*) > 1 "
-                     "ORDER BY min(id) LIMIT 1").fetchone()
+def _explain_name_conflict(db: sqlite3.Connection, manifest_file: Path, name: str) -> None:
+    """Raise ManifestError for the first source_path named twice."""
+    row = db.execute("SELECT parent_k, name FROM entries WHERE parent_k IS NOT NULL GROUP BY parent_k, name "
+                     "HAVING count(*) > 1 ORDER BY min(id) LIMIT 1").fetchone()
     if row is None:
         return
-    rows = db.execute("SELECT entry, child_k FROM pnames WHERE parent_k=? AND name=? ORDER BY id", row).fetchall()
-    files = [r[0] for r in rows if r[0] is not None]
-    src = db.execute("SELECT source_path FROM entries WHERE id=?", (files[-1],)).fetchone()[0]
-    line = _lineno(manifest_file, files[-1])
-    if len(files) > 1:
-        raise ManifestError(f"{name}:{line}: source_path: {src!r} is already named on line "
-                            f"{_lineno(manifest_file, files[0])}")
-    raise ManifestError(f"{name}:{line}: source_path: {src!r} is also a directory of another source_path")
+    ids = [r[0] for r in db.execute("SELECT id FROM entries WHERE parent_k=? AND name=? ORDER BY id", row)]
+    src = db.execute("SELECT source_path FROM entries WHERE id=?", (ids[-1],)).fetchone()[0]
+    raise ManifestError(f"{name}:{_lineno(manifest_file, ids[-1])}: source_path: {src!r} is already named on "
+                        f"line {_lineno(manifest_file, ids[0])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,8 +665,10 @@ class Index:
         return k if 1 <= k <= self._pdirs else None
 
     def _abcd_exists(self, lo: int, hi: int) -> int | None:
-        row = self._db().execute("SELECT min(dir) FROM objects WHERE dir >= ? AND dir < ?", (lo, hi)).fetchone()
-        return None if row[0] is None else int(row[0])
+        """The first 0xabcd in [lo, hi) whose directory images/ab/cd holds an object, or None."""
+        row = self._db().execute("SELECT sha256 FROM entries WHERE sha256 >= ? AND sha256 < ? ORDER BY sha256 "
+                                 "LIMIT 1", (_hash_bound(lo), _hash_bound(hi))).fetchone()
+        return None if row is None else (row[0][0] << 8) | row[0][1]
 
     # -- tree ----------------------------------------------------------------------------------
     def lookup(self, parent_inode: int, name: bytes) -> int | None:
@@ -504,11 +698,14 @@ class Index:
             parsed = _sha_from_name(name)
             if parsed is None:
                 return None
-            row = db.execute("SELECT o.inode, o.dir, e.content_type FROM objects o JOIN entries e "
-                             f"ON e.id = o.inode - {OBJ_BASE} WHERE o.sha256=?", (parsed[0],)).fetchone()
-            if row is None or row[1] != parent_inode - ABCD_BASE or extension_for(row[2]).encode() != parsed[1]:
+            sha, ext = parsed
+            if (sha[0] << 8) | sha[1] != parent_inode - ABCD_BASE:
                 return None
-            return int(row[0])
+            row = db.execute("SELECT id, content_type FROM entries WHERE sha256=? AND nlink IS NOT NULL",
+                             (sha,)).fetchone()
+            if row is None or extension_for(row[1]).encode() != ext:
+                return None
+            return OBJ_BASE + int(row[0])
         if parent_inode == BY_ID_INODE:
             try:
                 lid = name.decode("utf-8")
@@ -521,21 +718,23 @@ class Index:
             parsed = _sha_from_name(name)
             if parsed is None:
                 return None
-            for (ctype,) in db.execute("SELECT content_type FROM entries WHERE logical_id = "
-                                       "(SELECT logical_id FROM entries WHERE id=?) AND sha256=?",
-                                       (first, parsed[0])):
+            for ctype, obj in db.execute("SELECT content_type, coalesce(obj, id) FROM entries WHERE logical_id = "
+                                         "(SELECT logical_id FROM entries WHERE id=?) AND sha256=?",
+                                         (first, parsed[0])):
                 if extension_for(ctype).encode() == parsed[1]:
-                    row = db.execute("SELECT inode FROM objects WHERE sha256=?", (parsed[0],)).fetchone()
-                    return int(row[0]) if row else None
+                    return OBJ_BASE + int(obj)
             return None
         k = self._pdir_k(parent_inode)
         if k is not None:
-            row = db.execute("SELECT p.child_k, o.inode FROM pnames p LEFT JOIN entries e ON e.id = p.entry "
-                             "LEFT JOIN objects o ON o.sha256 = e.sha256 WHERE p.parent_k=? AND p.name=?",
-                             (k, name)).fetchone()
-            if row is None:
+            try:
+                text = name.decode("utf-8")
+            except UnicodeDecodeError:
                 return None
-            return self.pdir_base + int(row[0]) if row[0] is not None else int(row[1])
+            row = db.execute("SELECT k FROM pdirs WHERE parent_k=? AND name=?", (k, text)).fetchone()
+            if row is not None:
+                return self.pdir_base + int(row[0])
+            row = db.execute("SELECT coalesce(obj, id) FROM entries WHERE parent_k=? AND name=?", (k, text)).fetchone()
+            return None if row is None else OBJ_BASE + int(row[0])
         return None
 
     def parent(self, inode: int) -> int | None:
@@ -558,7 +757,8 @@ class Index:
         """Attributes of `inode`, or None when there is no such inode."""
         db = self._db()
         if self.is_object(inode):
-            row = db.execute("SELECT bytes, nlink, sha256 FROM objects WHERE inode=?", (inode,)).fetchone()
+            row = db.execute("SELECT bytes, nlink, sha256 FROM entries WHERE id=? AND nlink IS NOT NULL",
+                             (inode - OBJ_BASE,)).fetchone()
             return Attr(inode, False, row[0], row[1], bytes(row[2]).hex()) if row else None
         if inode == MANIFEST_INODE:
             return Attr(inode, False, self.manifest_bytes, 1)
@@ -573,12 +773,8 @@ class Index:
                 nlink = 2 + int(db.execute("SELECT count(*) FROM pdirs WHERE parent_k=0").fetchone()[0])
             return Attr(inode, True, 0, nlink)
         if AB_BASE <= inode < ABCD_BASE:
-            ab = inode - AB_BASE
-            if self._abcd_exists(ab << 8, (ab + 1) << 8) is None:
-                return None
-            n = db.execute("SELECT count(DISTINCT dir) FROM objects WHERE dir >= ? AND dir < ?",
-                           (ab << 8, (ab + 1) << 8)).fetchone()[0]
-            return Attr(inode, True, 0, 2 + int(n))
+            n = sum(1 for _ in self.readdir_attrs(inode))  # at most 256 index probes
+            return Attr(inode, True, 0, 2 + n) if n else None
         if ABCD_BASE <= inode < ABCD_BASE + 65536:
             d = inode - ABCD_BASE
             return Attr(inode, True, 0, 2) if self._abcd_exists(d, d + 1) is not None else None
@@ -638,16 +834,27 @@ class Index:
                 cd += 1
             return
         if ABCD_BASE <= inode < ABCD_BASE + 65536:
+            # Objects in hash order; the key is the inode, and a listing resumes after that object's hash.
+            d = inode - ABCD_BASE
+            hi = _hash_bound(d + 1)
+            if after:
+                row = db.execute("SELECT sha256 FROM entries WHERE id=?", (after - OBJ_BASE,)).fetchone()
+                if row is None:
+                    return
+                lo, op = row[0], ">"
+            else:
+                lo, op = _hash_bound(d), ">="
             while True:
-                rows = db.execute(f"SELECT o.inode, o.bytes, o.nlink, o.sha256, e.content_type FROM objects o "
-                                  f"JOIN entries e ON e.id = o.inode - {OBJ_BASE} WHERE o.dir=? AND o.inode>? "
-                                  "ORDER BY o.inode LIMIT ?", (inode - ABCD_BASE, after, _PAGE)).fetchall()
-                for child, size, nlink, sha, ctype in rows:
+                rows = db.execute(f"SELECT id, bytes, nlink, sha256, content_type FROM entries WHERE sha256 {op} ? "
+                                  "AND sha256 < ? AND nlink IS NOT NULL ORDER BY sha256 LIMIT ?",
+                                  (lo, hi, _PAGE)).fetchall()
+                for i, size, nlink, sha, ctype in rows:
                     hexsha = bytes(sha).hex()
+                    child = OBJ_BASE + i
                     yield f"{hexsha}.{extension_for(ctype)}".encode(), Attr(child, False, size, nlink, hexsha), child
                 if len(rows) < _PAGE:
                     return
-                after = rows[-1][0]
+                lo, op = rows[-1][3], ">"
         if inode == BY_ID_INODE:
             while True:
                 rows = db.execute("SELECT l.id, e.logical_id FROM lids l JOIN entries e ON e.id = l.id "
@@ -661,8 +868,8 @@ class Index:
         if first is not None:
             # The files of by-id/<id>: one per distinct object among the lines with that id.
             rows = db.execute(
-                "SELECT e.id, e.sha256, e.content_type, o.inode, o.bytes, o.nlink FROM entries e "
-                "JOIN objects o ON o.sha256 = e.sha256 WHERE e.logical_id = "
+                f"SELECT e.id, e.sha256, e.content_type, {OBJ_BASE} + o.id, o.bytes, o.nlink FROM entries e "
+                "JOIN entries o ON o.id = coalesce(e.obj, e.id) WHERE e.logical_id = "
                 "(SELECT logical_id FROM entries WHERE id=?) AND e.id >= ? ORDER BY e.id",
                 (first, after)).fetchall()
             seen: set[bytes] = set()
@@ -678,30 +885,52 @@ class Index:
             return
         k = self._pdir_k(inode)
         if k is not None:
-            while True:
-                rows = db.execute(
-                    "SELECT p.id, p.name, p.child_k, o.inode, o.bytes, o.nlink, o.sha256, d.nlink FROM pnames p "
-                    "LEFT JOIN entries e ON e.id = p.entry LEFT JOIN objects o ON o.sha256 = e.sha256 "
-                    "LEFT JOIN pdirs d ON d.k = p.child_k WHERE p.parent_k=? AND p.id>? ORDER BY p.id LIMIT ?",
-                    (k, after, _PAGE)).fetchall()
-                for key, name, child_k, child, size, nlink, sha, dnlink in rows:
-                    if child_k is not None:
-                        attr = Attr(self.pdir_base + child_k, True, 0, dnlink)
-                    else:
-                        attr = Attr(child, False, size, nlink, bytes(sha).hex())
-                    yield bytes(name), attr, key
-                if len(rows) < _PAGE:
+            yield from self._readdir_by_path(k, after)
+
+    def _readdir_by_path(self, k: int, after: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """A by-path directory: its subdirectories (key: their k, 1..P), then its files (key: P + 1 + entry
+        id), each in name order; a listing resumes after the name of the key's directory or file."""
+        db = self._db()
+        files_from = self._pdirs + 1
+        last: str | None = None
+        if after < files_from:
+            if after:
+                row = db.execute("SELECT name FROM pdirs WHERE k=?", (after,)).fetchone()
+                if row is None:
                     return
-                after = rows[-1][0]
+                last = row[0]
+            while True:
+                rows = db.execute("SELECT k, name, nlink FROM pdirs WHERE parent_k=? AND name > ? ORDER BY name "
+                                  "LIMIT ?", (k, "" if last is None else last, _PAGE)).fetchall()
+                for child_k, name, nlink in rows:
+                    yield name.encode(), Attr(self.pdir_base + child_k, True, 0, nlink), child_k
+                if len(rows) < _PAGE:
+                    break
+                last = rows[-1][1]
+            last = None
+        else:
+            row = db.execute("SELECT name FROM entries WHERE id=?", (after - files_from,)).fetchone()
+            if row is None or row[0] is None:
+                return
+            last = row[0]
+        while True:
+            rows = db.execute(
+                f"SELECT e.id, e.name, {OBJ_BASE} + o.id, o.bytes, o.nlink, o.sha256 FROM entries e JOIN entries o "
+                "ON o.id = coalesce(e.obj, e.id) WHERE e.parent_k=? AND e.name > ? ORDER BY e.name LIMIT ?",
+                (k, "" if last is None else last, _PAGE)).fetchall()
+            for i, name, child, size, nlink, sha in rows:
+                yield name.encode(), Attr(child, False, size, nlink, bytes(sha).hex()), files_from + i
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1][1]
 
     # -- objects and entries -------------------------------------------------------------------
     def object_for_inode(self, inode: int) -> Entry:
         """The manifest entry (first line) of the object `inode`; NotFound if it is not an object."""
         row = None
         if self.is_object(inode):
-            row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=? AND "
-                                     "EXISTS (SELECT 1 FROM objects WHERE inode=?)",
-                                     (inode - OBJ_BASE, inode)).fetchone()
+            row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=? AND nlink IS NOT NULL",
+                                     (inode - OBJ_BASE,)).fetchone()
         if row is None:
             raise NotFound(f"inode {inode}: not an object of this manifest")
         return _entry(row)
@@ -722,8 +951,8 @@ class Index:
             raw = bytes.fromhex(sha256)
         except ValueError:
             return None
-        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = "
-                                 f"(SELECT inode - {OBJ_BASE} FROM objects WHERE sha256=?)", (raw,)).fetchone()
+        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE sha256=? AND nlink IS NOT NULL",
+                                 (raw,)).fetchone()
         return _entry(row) if row else None
 
     def by_logical_id(self, logical_id: str) -> Entry | None:
@@ -733,8 +962,9 @@ class Index:
         return _entry(row) if row else None
 
     def inode_for_sha256(self, sha256: str) -> int | None:
-        row = self._db().execute("SELECT inode FROM objects WHERE sha256=?", (bytes.fromhex(sha256),)).fetchone()
-        return int(row[0]) if row else None
+        row = self._db().execute("SELECT id FROM entries WHERE sha256=? AND nlink IS NOT NULL",
+                                 (bytes.fromhex(sha256),)).fetchone()
+        return OBJ_BASE + int(row[0]) if row else None
 
     def entry_count(self) -> int:
         return self._entries
@@ -747,8 +977,7 @@ class Index:
 
     def name_count(self) -> int:
         """Files in the tree: one per object under images/, per (logical id, object), per source_path."""
-        row = self._db().execute("SELECT sum(nlink) FROM objects").fetchone()
-        return int(row[0] or 0) + 1  # + manifest.jsonl
+        return int(self.metadata.get("name_count", "0")) + 1  # + manifest.jsonl
 
     def iter_entries(self) -> Iterator[Entry]:
         """Every entry in manifest order, a page at a time."""
@@ -813,9 +1042,37 @@ def ensure_index(manifest_file: Path, index_dir: Path, *, digest: str | None = N
         except ManifestError:
             pass
         started = time.monotonic()
-        build_index(manifest_file, dest, manifest_digest=digest, where=where, mtime_ns=mtime_ns)
-        log.info("built the index of %s in %.1fs", where or manifest_file, time.monotonic() - started)
+        report = _build_in_child(manifest_file, dest, digest=digest, where=where, mtime_ns=mtime_ns)
+        log.info("built the index of %s in %.1fs (builder process peak RSS %.0f MB, its parsing helpers %.0f MB)",
+                 where or manifest_file, time.monotonic() - started, report.get("maxrss_mb", 0),
+                 report.get("parse_helpers_maxrss_mb", 0))
+        log.debug("index build phases (s): %s", {k: round(v, 2) for k, v in report.items()})
     return Index.open(dest, manifest_digest=digest)
+
+
+def _build_in_child(manifest_file: Path, dest: Path, *, digest: str, where: str | None,
+                    mtime_ns: int | None) -> dict[str, float]:
+    """`build_index` in a fresh interpreter (`python -m s3fsimg.index build`), so that the memory the
+    build needs (SQLite's sorter and page cache, the parser's batches) is never held by the calling
+    process, a mount that then serves for days. Returns the child's report (phase times, peak RSS)."""
+    cmd = [sys.executable, "-m", "s3fsimg.index", "build", str(manifest_file), str(dest), "--digest", digest]
+    if where is not None:
+        cmd += ["--where", where]
+    if mtime_ns is not None:
+        cmd += ["--mtime-ns", str(mtime_ns)]
+    proc = subprocess.run(cmd, capture_output=True, env=_child_env(), check=False)
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        report = {}
+    if proc.returncode == 3 and "error" in report:
+        raise ManifestError(report["error"])
+    if proc.returncode != 0 or not isinstance(report, dict):
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise ManifestError(f"{where or manifest_file}: building the index failed (exit {proc.returncode}): "
+                            f"{tail[0]}")
+    return report
 
 
 def load_index(config: Config, store: S3Store) -> tuple[Index, Path]:
@@ -874,11 +1131,12 @@ def _download_manifest(store: S3Store, relative: str, where: str, local: Path, s
     fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            got = store.download_file(relative, f)
+            hashing = _HashingWriter(f)  # hashed as it arrives: the copy is not read back
+            got = store.download_file(relative, cast(IO[bytes], hashing))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
-        digest = _sha256_file(Path(tmp))
+        digest = hashing.hash.hexdigest()
         os.replace(tmp, local)
     except NotFound:
         raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)") from None
@@ -890,6 +1148,18 @@ def _download_manifest(store: S3Store, relative: str, where: str, local: Path, s
             "sha256": digest, "mtime_ns": info["mtime_ns"], "fetched_at": time.time()}
     _write_json(sidecar, meta)
     return meta
+
+
+class _HashingWriter:
+    """A binary file's `write`, hashing what goes through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -924,3 +1194,34 @@ def _latest_copy(manifests: Path, ident: str) -> dict[str, Any] | None:
 
 __all__ = ["BY_ID_INODE", "BY_PATH_INODE", "FORMAT_VERSION", "IMAGES_INODE", "MANIFEST_INODE", "OBJ_BASE",
            "ROOT_INODE", "Attr", "Index", "build_index", "ensure_index", "load_index"]
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m s3fsimg.index build MANIFEST DEST --digest SHA256 [--where W] [--mtime-ns N] [--parts N]`
+    (what `ensure_index` runs), or `... part MANIFEST START END OUT` (a parsing helper of a build).
+    The last line on stdout is a JSON report; exit 3 with {"error": ...} for a bad manifest."""
+    if argv[:1] == ["part"] and len(argv) == 5:
+        return _part_main(Path(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4]))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m s3fsimg.index build")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--digest", required=True)
+    parser.add_argument("--where")
+    parser.add_argument("--mtime-ns", type=int)
+    parser.add_argument("--parts", type=int)
+    args = parser.parse_args(argv[1:] if argv[:1] == ["build"] else ["--help"])
+    try:
+        report = build_index(args.manifest, args.dest, manifest_digest=args.digest, where=args.where,
+                             mtime_ns=args.mtime_ns, parts=args.parts)
+    except ManifestError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 3
+    report["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

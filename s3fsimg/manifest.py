@@ -242,8 +242,10 @@ def fast_fields(raw: bytes) -> Fields | None:
         return None
     if (lid_s is not None and (lid_s == "." or lid_s == "..")) or etag_s == "":
         return None
-    if src_s is not None and source_path_problem(src_s):
-        return None
+    if src is not None:  # source_path_problem, as substring tests ('/' and '.' never occur inside UTF-8 sequences)
+        wrapped = b"/%s/" % src
+        if b"//" in wrapped or b"/./" in wrapped or b"/../" in wrapped:  # "", absolute, "." and ".." components
+            return None
     return (sha.decode(), int(size), ctype.decode(), None if width is None else int(width),
             None if height is None else int(height), lid_s, etag_s, src_s)
 

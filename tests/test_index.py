@@ -286,3 +286,75 @@ def test_fast_and_slow_lines_build_the_same_index(tmp_path: Path) -> None:
         with Index.open(tmp_path / f"{m.stem}.sqlite") as index:
             trees.append((walk(index), list(index.iter_entries())))
     assert trees[0] == trees[1]
+
+
+def _tree(index: Index) -> tuple[dict[str, int], list[Entry], dict[int, object], dict[str, str]]:
+    files = walk(index)
+    attrs = {i: index.getattr(i) for i in set(files.values())}
+    return files, list(index.iter_entries()), attrs, index.metadata
+
+
+def _mixed_rows(n: int) -> list[dict[str, object] | str]:
+    """Entries with repeated objects, ids and by-path directories spread over the whole manifest."""
+    rows: list[dict[str, object] | str] = []
+    for i in range(n):
+        if i % 7 == 3:
+            rows.append("")
+        src = f"top{i % 3}/mid{i % 5}/f{i}.png" if i % 4 else None
+        rows.append(entry(i % 40, logical_id=f"L{i % 13}" if i % 3 else None, source_path=src, width=1 + i % 2))
+    return rows
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_parts_build_the_same_index_as_one_process(tmp_path: Path, parts: int) -> None:
+    """Helper processes parse later parts; merged, the index is the one a single process builds: the same
+    inode numbers (by-path directories numbered in order of first appearance in the whole manifest)."""
+    m = write(tmp_path / "m.jsonl", _mixed_rows(120))
+    trees = []
+    for p in (1, parts):
+        build_index(m, tmp_path / f"{p}.sqlite", manifest_digest="x", mtime_ns=1, parts=p)
+        with Index.open(tmp_path / f"{p}.sqlite") as index:
+            trees.append(_tree(index))
+    assert trees[0][0] == trees[1][0]
+    assert trees[0][1:3] == trees[1][1:3]
+    assert {k: v for k, v in trees[0][3].items() if k != "built_at"} == \
+           {k: v for k, v in trees[1][3].items() if k != "built_at"}
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.jsonl", "1.sqlite", f"{parts}.sqlite"])  # no part left
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("{not json", "not valid JSON"),
+    (entry(0, bytes=5), "sha256 "),
+    (entry(99, source_path="top1/mid1/f1.png"), "source_path: 'top1/mid1/f1.png' is already named on line 2"),
+    (entry(99, source_path="top1/mid1"), "is also a directory"),
+])
+def test_errors_in_a_later_part_name_the_manifest_line(tmp_path: Path, bad: object, message: str) -> None:
+    rows = _mixed_rows(60)
+    rows.insert(55, bad)  # type: ignore[arg-type]
+    lineno = 56
+    m = write(tmp_path / "m.jsonl", rows)
+    assert m.read_text().splitlines()[lineno - 1] == (bad if isinstance(bad, str) else json.dumps(bad))
+    dest = tmp_path / "out" / "i.sqlite"
+    for parts in (1, 3):
+        with pytest.raises(ManifestError) as info:
+            build_index(m, dest, manifest_digest="x", where="s3://b/k", parts=parts)
+        assert str(info.value).startswith(f"s3://b/k:{lineno}: "), (parts, str(info.value))
+        assert message in str(info.value)
+        assert os.listdir(dest.parent) == []
+
+
+def test_ensure_index_builds_in_a_child_process_and_reports_bad_lines(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fsimg.index
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built in the calling process")
+
+    monkeypatch.setattr(s3fsimg.index, "build_index", not_here)  # the child process has the real one
+    m = write(tmp_path / "m.jsonl", [entry(0), entry(1), entry(2, bytes=-1)])
+    with pytest.raises(ManifestError, match=r"^s3://b/k:3: bytes"):
+        ensure_index(m, tmp_path / "index", where="s3://b/k")
+    assert [p.suffix for p in (tmp_path / "index").iterdir()] == [".lock"]
+    m = write(tmp_path / "m.jsonl", [entry(0), entry(1)])
+    with ensure_index(m, tmp_path / "index") as index:
+        assert index.entry_count() == 2

@@ -19,7 +19,8 @@ _texts = st.one_of(
     st.text(max_size=12),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=250, max_size=260),
     st.sampled_from([".", "..", "a/b", "/abs", "a//b", "a/", "ok", "x\x00y", "a/./b", "a/../b", "é" * 127, "é" * 128,
-                     "d/e.jpg", '"q"', "\\", "\x1f", "\x7f", "\ud800", "tab\there", ""]),
+                     "d/e.jpg", "./a", "../a", "a/..", "a/.", "...", "a/.b/..c", "é/./x",
+                     '"q"', "\\", "\x1f", "\x7f", "\ud800", "tab\there", ""]),
 )
 _ints = st.one_of(st.integers(-3, 20), st.integers(10**17, 10**19), st.sampled_from([0, 1, 2**63]))
 _values = st.one_of(st.none(), _ints, st.booleans(), _texts, st.floats(allow_nan=False, allow_infinity=False),
