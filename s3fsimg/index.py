@@ -17,14 +17,15 @@ object point at that first row (`obj`). `by-id/` is a view of `entries` through 
 because a source tree is arbitrary. A 1,000,000-entry index is ~250 MB.
 
 Building, and where the time goes at 1,000,000 lines (2 cores, measured; `build_index` returns the
-phases): `ensure_index` runs the build in a child process (`python -m s3fsimg.index build`), so a mount
-never holds the builder's memory (~80 MB). That process parses the first half of the manifest while a
-helper process (`... part`) parses the second half, split at a line boundary, into its own temporary
-database (~3.5 s for both); it then appends the helper's rows with an id offset, renumbering its by-path
-directories into the whole manifest's order of first appearance (~0.5 s). Then, in SQL: the hash index
-(~0.8 s), the objects named on several lines and their link counts (~1.3 s for 50,000 such objects),
-the logical_id and by-path name indexes (~0.7 s), `lids` and directory link counts (~0.5 s); ~7.5 s in
-all. Errors name the manifest line: a helper's line numbers are offset by the lines before its part.
+phases): `ensure_index` runs the build in a child process (`python -m s3fsimg.index build`), so a
+mount never holds the builder's memory (~70 MB; its helper ~55 MB). That process parses the first
+half of the manifest while a helper process (`... part`) parses the second half, split at a line
+boundary, into its own temporary database (~3.5 s for both); it then appends the helper's rows with an
+id offset, renumbering its by-path directories into the whole manifest's order of first appearance
+(~0.5 s). Then, in SQL: the hash index (~0.7 s), the objects named on several lines and their link
+counts (~1.3 s for 50,000 such objects), the logical_id and by-path name indexes (~0.7 s), `lids` and
+directory link counts (~0.5 s); ~7.5 s in all. Errors name the manifest line: a helper's line
+numbers are offset by the lines before its part.
 
 On-disk layout, under the cache directory::
 
@@ -322,9 +323,9 @@ def _parse_part(db: sqlite3.Connection, manifest_file: Path, start: int, end: in
     return part
 
 
-def _lines(manifest_file: Path, start: int, end: int, chunk: int = 4 << 20) -> Iterator[bytes]:
+def _lines(manifest_file: Path, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The lines in bytes [start, end) of a file (both at line starts), without their newlines; read
-    a few MB at a time (3x faster than iterating over the file)."""
+    a MB at a time (3x faster than iterating over the file)."""
     with open(manifest_file, "rb") as f:
         f.seek(start)
         left = end - start
