@@ -49,6 +49,8 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 class Stream(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
 
+    def read_nowait(self, offset: int, size: int) -> bytes | None: ...
+
     def close(self) -> None: ...
 
 
@@ -261,7 +263,11 @@ class Operations(pyfuse3.Operations):
                 data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off, limiter=self.limiter)
             else:
                 assert handle.stream is not None
-                data = await trio.to_thread.run_sync(handle.stream.read, off, size, limiter=self.limiter)
+                cached = handle.stream.read_nowait(off, size)  # page-cached complete object: no thread
+                if cached is not None:
+                    data = cached
+                else:
+                    data = await trio.to_thread.run_sync(handle.stream.read, off, size, limiter=self.limiter)
         except Exception as exc:
             raise self._fail(exc, handle.key) from None
         self._count("read_bytes", len(data))

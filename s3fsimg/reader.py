@@ -48,6 +48,7 @@ from s3fsimg.s3 import GetResult, S3Store
 
 log = logging.getLogger(__name__)
 
+_HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or a read-ahead run
 MAX_READAHEAD = 8 << 20  # read-ahead window limit per stream
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -405,6 +406,27 @@ class Stream:
             else:
                 os.close(fd)
             return self._fd
+
+    def read_nowait(self, offset: int, size: int) -> bytes | None:
+        """The bytes, if they can be had without blocking: the object is complete in the cache, this
+        stream has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
+        Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
+        reads on its event loop without a thread hand-off."""
+        fd = self._fd
+        if fd is None or not _HAVE_NOWAIT:
+            return None
+        size = min(size, self.entry.bytes - offset)
+        if size <= 0 or offset < 0:
+            return b""
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except (BlockingIOError, OSError):
+            return None
+        if n != size:
+            return None
+        self.reader.stats.add(reads=1, bytes_read=n, cache_hits=1)
+        return bytes(buf)
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the object, short at its end; b"" at or after it."""

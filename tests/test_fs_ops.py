@@ -37,6 +37,9 @@ class FakeStream:
             raise self.reader.fail[self.entry.sha256]
         return data_for(self.entry.sha256, self.entry.bytes)[offset:offset + size]
 
+    def read_nowait(self, offset: int, size: int) -> bytes | None:
+        return None  # always the worker-thread path, which the tests observe
+
     def close(self) -> None:
         self.closed = True
 

@@ -318,3 +318,35 @@ def test_hung_request_fails_within_the_deadline(lab_set: dict[str, Entry], proxy
     finally:
         proxy.clear_faults()
         ds.close()
+
+
+def test_read_nowait_serves_only_an_open_complete_object(tmp_path: Path) -> None:
+    """The filesystem's event-loop fast path: bytes only from an already-open, complete, page-cached
+    object; None (use a worker thread) otherwise."""
+    import hashlib as _h
+
+    from s3fsimg.config import Config as _Config
+    from s3fsimg.manifest import Entry as _Entry
+    from s3fsimg.manifest import object_path as _object_path
+    from s3fsimg.reader import ObjectReader as _Reader
+    from s3fsimg.s3 import GetResult as _GetResult
+
+    data = bytes(range(256)) * 4000
+    sha = _h.sha256(data).hexdigest()
+    entry = _Entry(sha, _object_path(sha, "image/png"), len(data), "image/png")
+
+    class Store:
+        def get_range(self, relative: str, start: int, end: int, *, deadline: float) -> _GetResult:
+            return _GetResult(data[start:end], None, len(data))
+
+        def where(self, relative: str) -> str:
+            return relative
+
+    reader = _Reader(_Config(bucket="b", cache_dir=tmp_path / "c", whole_object_max=2 << 20), store=Store())  # type: ignore[arg-type]
+    stream = reader.open_stream(entry)
+    assert stream.read_nowait(0, 10) is None  # nothing open yet
+    assert stream.read(0, 10) == data[:10]  # fetches whole (under the threshold), opens the object
+    assert stream.read_nowait(1000, 5000) == data[1000:6000]
+    assert stream.read_nowait(len(data) - 3, 100) == data[-3:]
+    stream.close()
+    reader.close()
