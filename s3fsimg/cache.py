@@ -147,12 +147,25 @@ class DiskCache:
                                        check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA.replace("PRAGMA journal_mode=WAL;", "") + "COMMIT;")
+            self._init_ledger()
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"{self.root}: cannot use the cache directory: {exc}") from None
         self._clean_tmp()
         self._check_boot()
+
+    def _init_ledger(self) -> None:
+        """WAL mode and the schema. Switching to WAL needs an exclusive lock and may answer SQLITE_BUSY
+        at once (without the busy handler) while another process opens the same ledger: so the
+        mode is read first (no lock), and a busy switch is retried for a while."""
+        deadline = time.monotonic() + 30.0
+        while self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA.replace("PRAGMA journal_mode=WAL;", "") + "COMMIT;")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:

@@ -82,6 +82,31 @@ def set_readahead(mountpoint: Path, kib: int = READ_AHEAD_KB) -> bool:
     return True
 
 
+#: How many background requests (read-ahead reads) the kernel keeps outstanding on the connection, and
+#: when it starts throttling. The kernel's default (12, congestion at 9) throttles a few parallel
+#: readers of large files: their read-ahead reads queue in the kernel while S3 could serve them all.
+MAX_BACKGROUND = 64
+CONGESTION_THRESHOLD = 48
+_FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def set_background_limit(mountpoint: Path) -> bool:
+    """Raise the connection's max_background through fusectl (root only; mounts fusectl when it is
+    not, as systemd does at boot); best effort: False when not permitted."""
+    try:
+        minor = os.minor(os.stat(mountpoint).st_dev)
+        conn = _FUSECTL / str(minor)
+        if not conn.is_dir() and os.geteuid() == 0 and not any(_FUSECTL.iterdir()):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(_FUSECTL)], capture_output=True, timeout=10,
+                           check=False)
+        (conn / "max_background").write_text(str(MAX_BACKGROUND))
+        (conn / "congestion_threshold").write_text(str(CONGESTION_THRESHOLD))
+    except OSError as exc:
+        log.debug("cannot raise max_background of %s: %s", mountpoint, exc)
+        return False
+    return True
+
+
 def mount_options(*, allow_other: bool) -> set[str]:
     """The FUSE options of a mount."""
     options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions"}
@@ -296,6 +321,7 @@ async def _main(ready_fd: int | None, mp: Path) -> None:
         with contextlib.suppress(OSError):
             await trio.to_thread.run_sync(os.stat, mp)
         set_readahead(mp)
+        await trio.to_thread.run_sync(set_background_limit, mp)
         _report(ready_fd, "ready")
 
 

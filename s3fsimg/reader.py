@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or a read-ahead run
+BULK_READ = 512 << 10  # a first read at least this large asks for the whole object (see Stream._read_blocks)
 MAX_READAHEAD = 8 << 20  # read-ahead window limit per stream
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -279,22 +280,45 @@ class ObjectReader:
         end = min((last + 1) * self.block_size, entry.bytes)
         try:
             result = self._get(entry, start, end, deadline)
-            completed = self._complete_with(entry, first, result.data) if last == self.block_count(entry) - 1 else False
         except BaseException as exc:
-            with self._lock:
-                for i, fut in futures.items():
-                    self._inflight.pop((entry.sha256, i), None)
-                    fut.set_exception(exc)
+            self._fail_futures(entry, futures, exc)
             return
+        final = last == self.block_count(entry) - 1
         view = memoryview(result.data)
-        for i in range(first, last + 1):
-            off = (i - first) * self.block_size
-            block = bytes(view[off:off + self.block_length(entry, i)])
-            if not completed and not self.cache.put_block(entry.sha256, self.block_size, i, block):
-                self.stats.add(uncached_writes=1)
-            with self._lock:
+        blocks = {i: bytes(view[(i - first) * self.block_size:(i - first) * self.block_size
+                                + self.block_length(entry, i)]) for i in range(first, last + 1)}
+        # Readers of the blocks before the object's last one get them at once. The last block is
+        # held back until the whole object is verified (below), so a reader can never read an object
+        # to its end without that check. Futures stay in `_inflight` until their bytes are on disk,
+        # so a read arriving meanwhile takes them from memory instead of making another GET.
+        for i in range(first, last if final else last + 1):
+            futures[i].set_result(blocks[i])
+        completed = False
+        if final:
+            try:
+                completed = self._complete_with(entry, first, result.data)
+            except BaseException as exc:
+                self._fail_futures(entry, {last: futures[last]}, exc)
+                self._forget(entry, futures)
+                return
+        if not completed:
+            for i, block in blocks.items():
+                if not self.cache.put_block(entry.sha256, self.block_size, i, block):
+                    self.stats.add(uncached_writes=1)
+        if final:
+            futures[last].set_result(blocks[last])
+        self._forget(entry, futures)
+
+    def _forget(self, entry: Entry, futures: dict[int, Future[bytes]]) -> None:
+        with self._lock:
+            for i in futures:
                 self._inflight.pop((entry.sha256, i), None)
-            futures[i].set_result(block)
+
+    def _fail_futures(self, entry: Entry, futures: dict[int, Future[bytes]], exc: BaseException) -> None:
+        with self._lock:
+            for i, fut in futures.items():
+                self._inflight.pop((entry.sha256, i), None)
+                fut.set_exception(exc)
 
     def _complete_with(self, entry: Entry, first: int, tail: bytes) -> bool:
         """Blocks 0..first-1 from the cache + `tail` = the whole object? Verify it and store it complete.
@@ -458,7 +482,12 @@ class Stream:
         sequential = offset == self._next_offset
         self._next_offset = offset + size
         nblocks = reader.block_count(entry)
-        if sequential and last >= 1 and last + 1 < nblocks:
+        if offset == 0 and size >= BULK_READ and entry.bytes <= reader.max_readahead and last + 1 < nblocks:
+            # A first read this large is the kernel's read-ahead answering a large read(2): the reader
+            # wants the file, so the whole object comes in this read's own GET (one round trip, as a
+            # plain GET). A header read (64 KiB asked) reaches us as 256 KiB and stays within block 0.
+            reader.prefetch(entry, first, nblocks - 1)
+        elif sequential and last >= 1 and last + 1 < nblocks:
             # Not before the reading leaves block 0: the kernel reads 2x what a small header read asks
             # (its own readahead), all of it in block 0, which must not pull in the rest of the object.
             # The prefetch covers this read's own missing blocks too (first..), so the rest of a small
