@@ -8,7 +8,7 @@ with the real CLI in subprocesses against the lab's S3 server (through the count
 - random `os.stat` per second of names from the manifest (on a fresh mount: the kernel has cached none);
 - `find MOUNT/images -type f | wc -l` and `find MOUNT -type f | wc -l`: time and the exact count;
 - S3 requests made during stat + find (counted at the proxy: must be 0);
-- `s3fsimg validate FILE`: time and peak RSS (`wait4` of that one child).
+- `s3fsimg validate FILE`: time and peak RSS (the child's VmHWM, polled).
 
 The manifest generator is deterministic (entry i is object i, or a repeat of object i-1 every
 DUP_EVERY lines; every entry has a logical id, an ETag and a source path in one of DIRS folders), so
@@ -136,15 +136,22 @@ def count_files(root: Path) -> tuple[float, int]:
 
 
 def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS MB, exit code, stderr) of one child process (wait4: its own rusage only)."""
+    """(seconds, peak RSS MB, exit code, stderr) of one child process. The peak is the child's VmHWM,
+    polled until it exits: wait4's ru_maxrss would count the bench's own memory, which the child
+    holds between fork and exec."""
     started = time.perf_counter()
+    peak_kb = 0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak_kb = max(peak_kb, int(line.split()[1]))
+            time.sleep(0.02)
         elapsed = time.perf_counter() - started
         err.seek(0)
-        return elapsed, usage.ru_maxrss / 1024, proc.returncode, err.read().decode(errors="replace")
+        return elapsed, peak_kb / 1024, int(proc.returncode), err.read().decode(errors="replace")
 
 
 def run(lab: Lab, report: Report, args: Any, data_dir: Path) -> None:

@@ -26,13 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from PIL import Image, UnidentifiedImageError
-
 from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, logical_id_problem, object_path, source_path_problem
 
 T = TypeVar("T")
-Image.MAX_IMAGE_PIXELS = None  # we read headers only; huge scans are legitimate datasets
 
 
 @dataclass(frozen=True)
@@ -170,6 +167,10 @@ def walk(root: Path, skipped: list[Skipped] | None = None) -> Iterator[tuple[str
 
 def identify(data: bytes) -> tuple[str, int | None, int | None] | None:
     """(content type, width, height) of image bytes, from the header; None if not an image."""
+    # Imported here: a re-upload answered from the hash cache never needs Pillow (a tenth of its start-up).
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # we read headers only; huge scans are legitimate datasets
     try:
         with Image.open(io.BytesIO(data)) as im:
             mime = Image.MIME.get(im.format or "")
