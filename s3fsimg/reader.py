@@ -404,15 +404,21 @@ class Stream:
                 os.close(self._fd)
                 self._fd = None
 
+    def _adopt(self, fd: int) -> int:
+        """Keep `fd` as this stream's descriptor of the complete object, unless a concurrent read
+        already set one (then `fd` is closed); returns the one kept."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = fd
+            else:
+                os.close(fd)
+            return self._fd
+
     def _complete_fd(self) -> int | None:
         if self._fd is None:
             fd = self.reader.cache.open_object(self.entry.sha256, self.entry.ext)
             if fd is not None:
-                with self._lock:
-                    if self._fd is None:
-                        self._fd = fd
-                    else:
-                        os.close(fd)
+                return self._adopt(fd)
         return self._fd
 
     def _open_whole(self) -> int | None:
@@ -424,12 +430,7 @@ class Stream:
         except (CacheError, FileNotFoundError):
             self._memory = self.reader.download_verified(self.entry)
             return None
-        with self._lock:
-            if self._fd is None:
-                self._fd = fd
-            else:
-                os.close(fd)
-            return self._fd
+        return self._adopt(fd)
 
     def read_nowait(self, offset: int, size: int) -> bytes | None:
         """The bytes, if they can be had without blocking: the object is complete in the cache, this
