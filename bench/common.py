@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -158,10 +157,6 @@ def run_timed(
 
 def best_of(n: int, fn: Callable[[], Any]) -> float:
     return min(timed(fn)[0] for _ in range(n))
-
-
-def child_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def drop_page_cache() -> bool:

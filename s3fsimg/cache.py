@@ -316,18 +316,6 @@ class DiskCache:
         self.drop_blocks(sha256)
         return self.base / name
 
-    def put_object_file(self, tmp: Path, sha256: str, ext: str) -> Path:
-        """Move a verified temp file into place as the complete object; drop its blocks."""
-        name = self.object_name(sha256, ext)
-        final = self.base / name
-        size = tmp.stat().st_size
-        with self.pinned(name):
-            self._reserve(name, size)
-            _private_dirs(final.parent)
-            os.replace(tmp, final)
-        self.drop_blocks(sha256)
-        return final
-
     def new_tmp(self) -> tuple[int, Path]:
         """An open, new temp file (0600) in tmp/: (fd, path)."""
         path = self.base / "tmp" / f"{self.pid}-{secrets.token_hex(8)}"

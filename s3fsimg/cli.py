@@ -107,16 +107,11 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
     """Hash every image under DIRECTORY and write the JSONL manifest (no S3 access)."""
     from s3fsimg.manifest import write_manifest_file
     from s3fsimg.progress import progress_bar
-    from s3fsimg.scan import LogicalMap, relpaths, scan
+    from s3fsimg.scan import prepare, scan
 
     config = _config(flags)
-    if not directory.is_dir():
-        raise _usage(f"{directory}: not a directory")
     out = out or Path(config.manifest_key)
-    lmap = LogicalMap.load(config.logical_map) if config.logical_map else LogicalMap.empty()
-    total = sum(1 for _ in relpaths(directory))
-    if len(lmap):
-        lmap.check_against(relpaths(directory))
+    lmap, total = prepare(directory, config.logical_map)
     skipped: list[tuple[str, str]] = []
     with progress_bar(total=total, unit="file", desc="hash") as bar:
 
@@ -294,12 +289,6 @@ def stats_cmd(mountpoint: Path, as_json: bool, **flags: Any) -> None:
     width = max(len(k) for k in stats) if stats else 0
     for key in sorted(stats):
         click.echo(f"{key:<{width}}  {stats[key]}")
-
-
-def _usage(message: str) -> S3fsimgError:
-    from s3fsimg.errors import UsageError
-
-    return UsageError(message)
 
 
 __all__ = ["main"]

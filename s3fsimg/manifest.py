@@ -343,6 +343,7 @@ class Validator:
         )
         self.lines = 0
         self.entries = 0
+        self.new_object = False  # whether the last line checked named a sha256 not seen before
 
     def close(self) -> None:
         self._db.close()
@@ -387,6 +388,7 @@ class Validator:
     def _cross(self, lineno: int, sha256: str, size: int, ctype: str, src: str | None) -> Iterator[Problem]:
         db = self._db
         row = db.execute("SELECT bytes, content_type, lineno FROM objects WHERE sha256=?", (sha256,)).fetchone()
+        self.new_object = row is None
         if row is None:
             db.execute("INSERT INTO objects VALUES (?,?,?,?)", (sha256, size, ctype, lineno))
         elif row[0] != size:

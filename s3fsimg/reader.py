@@ -358,32 +358,13 @@ class ObjectReader:
             with contextlib.suppress(S3fsimgError):
                 self.complete_if_whole(entry)
 
-    def complete_if_whole(self, entry: Entry) -> Path | None:
-        """If every block of the object is cached, verify it and make it a complete object."""
+    def complete_if_whole(self, entry: Entry) -> bool:
+        """If every block of the object is cached, verify it and make it a complete object (True).
+        Raises IntegrityError on a mismatch, like the read that completes an object in one GET."""
         n = self.block_count(entry)
         if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in range(n)):
-            return None
-        hasher = hashlib.sha256()
-        fd, tmp = self.cache.new_tmp()
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for i in range(n):
-                    block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
-                    if block is None:  # evicted meanwhile: not complete after all
-                        os.unlink(tmp)
-                        return None
-                    hasher.update(block)
-                    f.write(block)
-                if hasher.hexdigest() != entry.sha256:
-                    os.unlink(tmp)
-                    self._integrity_failure(entry, f"its bytes hash to {hasher.hexdigest()[:16]}…, "
-                                                   "not to its sha256")
-            return self.cache.put_object_file(tmp, entry.sha256, entry.ext)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            log.warning("cache: cannot assemble %s (%s)", entry.sha256, exc.strerror)
-            return None
+            return False
+        return self._complete_with(entry, n, b"")
 
 
 class Stream:

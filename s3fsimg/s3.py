@@ -146,18 +146,6 @@ class S3Store:
     def endpoint(self) -> str:
         return self.config.endpoint_url or "AWS"
 
-    def head(self, relative: str) -> dict[str, Any] | None:
-        """Size and ETag of an object, or None when it does not exist."""
-        try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=self.key(relative))
-        except bexc.ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise translate(exc, self.where(relative)) from None
-        except Exception as exc:
-            raise translate(exc, self.where(relative)) from None
-        return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag")}
-
     def stat(self, relative: str) -> dict[str, Any] | None:
         """Size, ETag and Last-Modified of an object, or None when it does not exist. A HEAD; in anonymous
         mode a refused HEAD is retried as a one-byte GET, since some S3-compatible servers grant

@@ -335,7 +335,22 @@ def scan(root: Path, *, logical_map: LogicalMap | None = None, workers: int | No
         yield FileResult(s.rel, None, s.reason)
 
 
-def relpaths(root: Path) -> Iterator[str]:
-    return (rel for rel, _ in walk(root))
+def prepare(root: Path, map_path: Path | None) -> tuple[LogicalMap, int]:
+    """Before any hashing or upload: the logical map, checked against DIR's names (a bad or ambiguous
+    line is a UsageError naming it), and the number of files under DIR (for the progress bar) — in
+    one walk of DIR."""
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory")
+    lmap = LogicalMap.load(map_path) if map_path else LogicalMap.empty()
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for rel, _ in walk(root):
+            count += 1
+            yield rel
+
+    lmap.check_against(counted())
+    return lmap, count
 
 

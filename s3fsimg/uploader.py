@@ -32,7 +32,7 @@ from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, write_manifest
 from s3fsimg.progress import progress_bar
 from s3fsimg.s3 import S3Store
-from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, relpaths, scan
+from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, scan
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _Uploads:
     def _present(self, entry: Entry) -> tuple[bool, str | None]:
         if self.known is not None:
             return entry.path in self.known, self.known.get(entry.path)
-        head = self.store.head(entry.path)
+        head = self.store.stat(entry.path)
         if head is not None and head["size"] == entry.bytes:
             return True, str(head["etag"]) if head["etag"] else None
         return False, None
@@ -120,15 +120,8 @@ def hash_cache_path(config: Config, directory: Path) -> Path:
 def upload(config: Config, directory: Path, *, workers: int = 16, show_progress: bool | None = None) -> UploadReport:
     """Upload DIR as a dataset; see the module docstring for the order of work."""
     started = time.monotonic()
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: not a directory")
     config.require_bucket()
-    lmap = LogicalMap.load(config.logical_map) if config.logical_map else LogicalMap.empty()
-    count = 0
-    for _ in relpaths(directory):
-        count += 1
-    if len(lmap):
-        lmap.check_against(relpaths(directory))
+    lmap, count = prepare(directory, config.logical_map)
 
     store = S3Store(config, max_pool=workers + 4)
     store.check_bucket()
@@ -163,7 +156,7 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
                 hash_cache.close()
         manifest_bytes = manifest_tmp.read_bytes()
         # Every object the manifest names is now confirmed present (PUT succeeded, or LIST/HEAD saw it).
-        remote = store.head(config.manifest_key)
+        remote = store.stat(config.manifest_key)
         local_md5 = '"' + hashlib.md5(manifest_bytes, usedforsecurity=False).hexdigest() + '"'
         if remote is None or remote["etag"] != local_md5 or remote["size"] != len(manifest_bytes):
             store.put(config.manifest_key, manifest_bytes, content_type="application/x-ndjson",

@@ -58,7 +58,6 @@ def _validate_file(path: Path, where: str, store: S3Store | None, max_errors: in
         raise ManifestError(f"{where}: cannot read: {exc.strerror}") from None
     pool = ThreadPoolExecutor(max_workers=workers) if store else None
     pending: deque[tuple[int, Entry, Future[Any]]] = deque()
-    heads_done: set[str] = set()
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
@@ -79,9 +78,8 @@ def _validate_file(path: Path, where: str, store: S3Store | None, max_errors: in
                     report(problem.format(where))
                 if store is not None and pool is not None and not found and raw.strip():
                     entry = parse_line(raw)
-                    if entry.sha256 not in heads_done:
-                        heads_done.add(entry.sha256)
-                        pending.append((lineno, entry, pool.submit(store.head, entry.path)))
+                    if validator.new_object:  # first line naming this sha256: HEAD it once
+                        pending.append((lineno, entry, pool.submit(store.stat, entry.path)))
                         drain(workers * 8)
             drain(0)
             entries = validator.entries

@@ -278,3 +278,15 @@ def test_reupload_after_changes_uses_fresh_bytes(sample_dir: SampleSet, s3_env: 
     manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
     by_src = {e.source_path: e for e in map(parse_line, manifest.splitlines())}
     assert by_src[edited.rel].sha256 == other.sha256
+
+
+def test_check_objects_reports_a_missing_object_once(sample_dir: SampleSet, s3_env: dict[str, str],
+                                                     moto_client: Any, bucket: str) -> None:
+    assert cli(s3_env, "upload", str(sample_dir.root)).returncode == 0
+    original, _copy = sample_dir.duplicates[0]
+    victim = sample_dir.by_rel[original]
+    moto_client.delete_object(Bucket=bucket, Key=victim.s3_path)
+    proc = cli(s3_env, "validate", "--check-objects")
+    assert proc.returncode == 1
+    missing = [line for line in proc.stderr.splitlines() if victim.s3_path in line and "does not exist" in line]
+    assert len(missing) == 1, proc.stderr  # two names of one object: one HEAD, one error
