@@ -18,6 +18,12 @@ Fixtures (scope → what they yield):
   ``os.PathLike`` and supports ``/``, so ``Path(sample_dir)`` and ``str(sample_dir)`` give its root).
 * ``large_set`` (session) → SampleSet of 4 large (1–3 MB) noise PNGs under ``large/`` (read-only).
 
+Unexpected logs fail tests: the plugin :mod:`tests.checklogs` (loaded below) fails a test in whose setup, call
+or teardown a logger under ``s3fsimg`` or ``tests.lab`` emits a WARNING or worse in this process (from any
+thread; child processes such as mounts and cache workers are not watched). A test that provokes one on
+purpose declares it with ``with tests.checklogs.expect_logs(pattern, level=logging.WARNING, count=None):``
+(``pattern`` is a regex searched in the message; ``count=N`` demands exactly N). See that module's docstring.
+
 The developer's real AWS configuration never reaches a test: for the whole session ``AWS_CONFIG_FILE`` and
 ``AWS_SHARED_CREDENTIALS_FILE`` point at nonexistent files, profiles/tokens are removed and fake keys are set.
 """
@@ -35,6 +41,8 @@ import pytest
 from tests.lab.images import SampleSet, make_dataset
 from tests.lab.moto import MotoServer, lab_env, make_public, s3_client
 from tests.lab.proxy import LabProxy
+
+pytest_plugins = ["tests.checklogs"]
 
 # Applied at import, before any test module or fixture creates a boto3 session.
 _SAVED_ENV = dict(os.environ)

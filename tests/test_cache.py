@@ -31,6 +31,7 @@ from tests.cacheworker import (
     upload_dir,
     worker_env,
 )
+from tests.checklogs import expect_logs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -199,7 +200,13 @@ def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], 
     monkeypatch.setenv("DATASET_CACHE_MAX_BYTES", "1G")
     ids = sorted(fifty)
     cache_errors = 0
-    with Dataset.from_env(block_size="64K") as ds:
+    # A full disk is reported (how often depends on eviction timing); reads still succeed.
+    with (
+        expect_logs(r"^cache: disk full in .*; evicting and retrying once$"),
+        expect_logs(r"^cache: cannot store .* \(No space left on device\); serving it without caching$"),
+        expect_logs(r"^cache: cannot record .* in the ledger .*; serving it without caching$"),
+        Dataset.from_env(block_size="64K") as ds,
+    ):
         for _ in range(2):
             for sha in ids:
                 with ds.open(sha) as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import threading
@@ -19,6 +20,7 @@ from s3fsimg.errors import BackendError, IntegrityError, NotFound, ReadOnly, S3f
 from s3fsimg.fs import STATS_XATTR, Operations, errno_for
 from s3fsimg.index import BY_ID_INODE, IMAGES_INODE, MANIFEST_INODE, ROOT_INODE, Index, build_index
 from s3fsimg.manifest import Entry, object_path
+from tests.checklogs import expect_logs
 
 CTX: Any = None  # the request context is not used by the Operations
 
@@ -250,7 +252,8 @@ def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, caplog: pyt
         stats = json.loads(await ops.getxattr(ROOT_INODE, STATS_XATTR, CTX))
         assert stats["errors"] == 4
 
-    run(main)
+    with expect_logs(r"^EIO reading ", level=logging.ERROR, count=2):
+        run(main)
     eio = [r for r in caplog.records if "EIO" in r.getMessage()]
     assert len(eio) == 2  # one per distinct cause
     assert "sha256 mismatch" in eio[0].getMessage() and object_path(SHAS[1], "image/png") in eio[0].getMessage()

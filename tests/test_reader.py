@@ -23,6 +23,7 @@ from s3fsimg.manifest import Entry
 from s3fsimg.reader import ObjectReader, iter_blocks
 from s3fsimg.s3 import GetResult
 from tests.cacheworker import build_workset, cache_files, upload_dir
+from tests.checklogs import expect_logs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,8 +234,9 @@ def test_corrupt_block_file_is_refetched_not_served(tmp_path: Path) -> None:
         raw[20] ^= 0xFF
         block.write_bytes(bytes(raw))
         n = len(store.calls)
-        assert reader.open_stream(entry).read(0, 100) == payload[:100]
-        assert len(store.calls) == n + 1
+        with expect_logs(r"^cache: block .* fails its checksum; dropping it$", count=1):
+            assert reader.open_stream(entry).read(0, 100) == payload[:100]
+            assert len(store.calls) == n + 1
 
 
 # ------------------------------------------------------------------------------ through the lab proxy

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.lab.procs import kill_process, stop_process
+
 LOOPBACK = "127.0.0.1"
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing-secret-do-not-print"
@@ -186,15 +188,7 @@ class MotoServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the process, kill it if it does not exit within ``timeout``; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        stop_process(proc, timeout)
 
     def close(self) -> None:
         """Stop the server and remove its log directory."""
@@ -208,9 +202,7 @@ class MotoServer:
         self.close()
 
     def __del__(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        kill_process(getattr(self, "proc", None))
 
 
 def s3_client(

@@ -53,6 +53,8 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from tests.lab.procs import kill_process, stop_process
+
 FAULT_KINDS = ("latency_ms", "bandwidth_bps", "refuse", "error_status", "truncate", "flip_byte", "hang")
 LAB_PREFIX = "/__lab__/"
 _CHUNK = 256 * 1024
@@ -954,15 +956,7 @@ class LabProxy:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the process (kill after ``timeout``); idempotent. Releases hung requests."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        stop_process(proc, timeout)
 
     def log_text(self) -> str:
         """The proxy process's output so far (tracebacks of unexpected errors end up here)."""
@@ -983,9 +977,7 @@ class LabProxy:
         self.close()
 
     def __del__(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        kill_process(getattr(self, "proc", None))
 
     # ---- control API ---------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None) -> Any:
