@@ -216,7 +216,9 @@ class Operations(pyfuse3.Operations):
 
     # -- directories ---------------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if not self._attr(inode).is_dir:
+        # No index query: the kernel only opens inodes it had from lookup/readdir, and every inode that
+        # is neither an object nor the manifest is a directory.
+        if self.index.is_object(inode) or inode == MANIFEST_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 

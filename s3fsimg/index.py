@@ -598,6 +598,7 @@ class Index:
         self._pdirs = int(self.metadata.get("pdir_count", "0"))
         self.iddir_base = OBJ_BASE + self._entries
         self.pdir_base = OBJ_BASE + 2 * self._entries
+        self._top_attrs: dict[int, Attr] = {}  # see getattr
 
     @classmethod
     def open(cls, path: Path, *, manifest_digest: str | None = None) -> Index:
@@ -755,7 +756,19 @@ class Index:
         return None
 
     def getattr(self, inode: int) -> Attr | None:
-        """Attributes of `inode`, or None when there is no such inode."""
+        """Attributes of `inode`, or None when there is no such inode. The top directories' (the root,
+        images/, by-id/, by-path/ and the <= 256 images/ab: their nlink counts children with up to 256
+        index probes) are computed once and kept."""
+        if inode < ABCD_BASE:
+            attr = self._top_attrs.get(inode)
+            if attr is None:
+                attr = self._getattr(inode)
+                if attr is not None:
+                    self._top_attrs[inode] = attr
+            return attr
+        return self._getattr(inode)
+
+    def _getattr(self, inode: int) -> Attr | None:
         db = self._db()
         if self.is_object(inode):
             row = db.execute("SELECT bytes, nlink, sha256 FROM entries WHERE id=? AND nlink IS NOT NULL",
