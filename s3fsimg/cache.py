@@ -26,7 +26,8 @@ Invariants (what makes it safe from many processes and after SIGKILL at any inst
   checked against its CRC on every read; an object was verified before rename. Nothing is fsynced
   on the hot path; after a reboot the objects written last are re-verified once (`_check_boot`).
 - The ledger row of a file is written *before* the rename, so a killed process can leave a row
-  without a file (harmless: eviction skips it) but never a file the bound does not count.
+  without a file (harmless: eviction skips it) but never a file the bound does not count. A row
+  another process evicted before the rename is written again after it (`_commit`).
 - Eviction (least recently used first) runs under SQLite's write lock (`BEGIN IMMEDIATE`), so
   processes evicting at once never double-count; it unlinks files, and a reader that already has a
   file open keeps reading it (Linux keeps unlinked open files), so data in use is never pulled
@@ -130,6 +131,7 @@ class DiskCache:
         self._pinned: dict[str, int] = {}
         self._touched: dict[str, float] = {}
         self.caching = True  # False after a disk error we could not recover from
+        self.closed = False
         try:
             old = os.umask(0o077)
             try:
@@ -169,7 +171,9 @@ class DiskCache:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the ledger. Writes still running in read-ahead threads then store nothing, quietly."""
         with self._lock:
+            self.closed = True
             self._db.close()
 
     def __enter__(self) -> DiskCache:
@@ -308,12 +312,13 @@ class DiskCache:
         return fd
 
     def put_object_bytes(self, data: bytes, sha256: str, ext: str) -> Path | None:
-        """Store verified bytes as the complete object (temp file, fsync, rename); None if the disk
-        cannot take it."""
+        """Store verified bytes as the complete object (temp file, rename); None if the disk cannot take
+        it. The object's blocks are dropped first, so the cache never holds an object twice (whole and
+        in blocks) against its bound; a crash in between loses only cached data."""
         name = self.object_name(sha256, ext)
+        self.drop_blocks(sha256)
         if not self._write_file(name, data, fsync=False):
             return None
-        self.drop_blocks(sha256)
         return self.base / name
 
     def new_tmp(self) -> tuple[int, Path]:
@@ -375,6 +380,8 @@ class DiskCache:
 
     # -- writing, the ledger and eviction ----------------------------------------------------------
     def _write_file(self, name: str, payload: bytes, *, fsync: bool) -> bool:
+        if self.closed:
+            return False
         for attempt in (1, 2):
             tmp: Path | None = None
             try:
@@ -387,11 +394,8 @@ class DiskCache:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-                final = self.base / name
                 with self.pinned(name):
-                    self._reserve(name, len(payload))
-                    _private_dirs(final.parent)
-                    os.replace(tmp, final)
+                    self._commit(tmp, name, len(payload))
                 return True
             except OSError as exc:
                 if tmp is not None:
@@ -408,12 +412,26 @@ class DiskCache:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
+                if self.closed:  # a read-ahead thread finishing after close(): nothing to report
+                    return False
                 log.warning("cache: cannot record %s in the ledger (%s); serving it without caching", name, exc)
                 return False
         return False
 
-    def _reserve(self, name: str, size: int) -> None:
-        """Record a file in the ledger (before it is renamed into place), evicting to make room."""
+    def _commit(self, tmp: Path, name: str, size: int) -> None:
+        """Record a written temp file in the ledger (evicting to make room), then rename it into place.
+        Another process may evict the new row between the two (its unlink then finds no file): the row
+        is checked after the rename and written again if it is gone, so no file stays unaccounted for."""
+        final = self.base / name
+        self._record(name, size)
+        _private_dirs(final.parent)
+        os.replace(tmp, final)
+        with self._lock:
+            present = self._db.execute("SELECT 1 FROM files WHERE name=?", (name,)).fetchone()
+        if present is None:
+            self._record(name, size)
+
+    def _record(self, name: str, size: int) -> None:
         now = time.time()
         with self._write() as db:
             db.execute("INSERT INTO files(name, bytes, atime) VALUES (?,?,?) "

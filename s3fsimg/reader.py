@@ -18,7 +18,8 @@ How a read `(entry, offset, size)` is served (`Stream.read`):
    window; a read waits only for the blocks it needs.
 4. Whenever every block of an object is in the cache, the object is assembled, its sha256 checked,
    and it becomes a complete object (blocks dropped). A mismatch drops every block, marks the object
-   suspect (so step 2 applies to it from then on) and fails the read that completed it: an object
+   suspect (so step 2 applies to it from then on) and fails the read that completed it, and every
+   later read of each stream open on it (a read-ahead thread may have been the one to complete it): an object
    whose bytes do not hash to its sha256 never reads back whole without an error.
 
 Every S3 response is checked against the manifest: the object's total size (Content-Range) and,
@@ -100,6 +101,7 @@ class ObjectReader:
         self._inflight: dict[tuple[str, int], Future[bytes]] = {}
         self._whole: dict[str, Future[Path]] = {}
         self._suspect: set[str] = set()
+        self._failures: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3fsimg-fetch")
         self._closed = False
 
@@ -196,6 +198,7 @@ class ObjectReader:
     def _integrity_failure(self, entry: Entry, why: str) -> None:
         with self._lock:
             self._suspect.add(entry.sha256)
+            self._failures[entry.sha256] = self._failures.get(entry.sha256, 0) + 1
         self.stats.add(integrity_errors=1)
         self.cache.drop_object(entry.sha256, entry.ext)
         raise IntegrityError(f"{self.store.where(entry.path)}: {why}")
@@ -203,6 +206,11 @@ class ObjectReader:
     def is_suspect(self, sha256: str) -> bool:
         with self._lock:
             return sha256 in self._suspect
+
+    def failure_count(self, sha256: str) -> int:
+        """How many times the object failed verification in this process (see `Stream._read_blocks`)."""
+        with self._lock:
+            return self._failures.get(sha256, 0)
 
     # -- blocks ------------------------------------------------------------------------------------
     def block_length(self, entry: Entry, index: int) -> int:
@@ -378,6 +386,7 @@ class Stream:
         self._next_offset = -1
         self._window = 0
         self._lock = threading.Lock()
+        self._failures_seen = reader.failure_count(entry.sha256)
 
     def close(self) -> None:
         with self._lock:
@@ -452,6 +461,11 @@ class Stream:
                 data = self._memory[offset:offset + size]
             else:
                 data = self._read_blocks(offset, size)
+            if reader.failure_count(entry.sha256) != self._failures_seen:
+                # The object failed verification since this stream opened, possibly in a read-ahead
+                # thread that completed it: bytes this stream served may have been wrong, so it never
+                # reads on as if nothing happened (a new open reads the object whole and verified).
+                raise IntegrityError(f"{reader.store.where(entry.path)}: failed verification while being read")
         except S3fsimgError:
             reader.stats.add(errors=1)
             raise

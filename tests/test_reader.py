@@ -282,6 +282,25 @@ def test_flipped_byte_in_large_object_fails_the_completing_read(lab_set: dict[st
         ds.close()
 
 
+def test_stream_fails_once_its_object_failed_verification_in_another_thread(lab_set: dict[str, Entry],
+                                                                             proxy: Any) -> None:
+    """A read-ahead thread may be the one that completes an object and finds it wrong: every stream
+    that served bytes of it fails its next read, rather than reading on to the end as if whole."""
+    big = max(lab_set.values(), key=lambda e: e.bytes)
+    ds = Dataset.from_env(block_size="64K")
+    try:
+        with ds.open(big.sha256) as f:
+            assert f.read(70_000)
+            with pytest.raises(IntegrityError):  # what the completing thread sees
+                ds.reader._integrity_failure(big, "its bytes hash to something else (simulated)")
+            with pytest.raises(IntegrityError, match="failed verification while being read"):
+                f.read()
+        with ds.open(big.sha256) as f:  # a new open reads it whole and verified
+            assert _digest(f.read()) == big.sha256
+    finally:
+        ds.close()
+
+
 @pytest.mark.parametrize("kind,value", [("error_status", 503), ("error_status", 500), ("truncate", 1000),
                                         ("refuse", None)])
 def test_transient_faults_are_retried(lab_set: dict[str, Entry], proxy: Any, kind: str, value: Any) -> None:
