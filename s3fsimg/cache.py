@@ -32,7 +32,9 @@ Invariants (what makes it safe from many processes and after SIGKILL at any inst
   processes evicting at once never double-count; it unlinks files, and a reader that already has a
   file open keeps reading it (Linux keeps unlinked open files), so data in use is never pulled
   from under a reader. Files this process is writing or reading right now are pinned in memory.
-- Total size stays within `max_bytes` plus the blocks in flight (at most a few per thread).
+- Total size stays within `max_bytes` plus what is in flight: at most a few blocks per thread, and
+  an object being completed per process (its row may evict another process's newest, still being
+  renamed, which then records it again: both stay until the next eviction).
 - A full disk (ENOSPC) evicts and retries once, then gives up caching that data (the reader
   serves it from memory): never wrong bytes, never a crash.
 """
