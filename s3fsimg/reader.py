@@ -208,9 +208,9 @@ class ObjectReader:
             return sha256 in self._suspect
 
     def failure_count(self, sha256: str) -> int:
-        """How many times the object failed verification in this process (see `Stream._read_blocks`)."""
-        with self._lock:
-            return self._failures.get(sha256, 0)
+        """How many times the object failed verification in this process (see `Stream.read`). A dict
+        read is atomic: no lock on this per-read path."""
+        return self._failures.get(sha256, 0)
 
     # -- blocks ------------------------------------------------------------------------------------
     def block_length(self, entry: Entry, index: int) -> int:
@@ -451,9 +451,9 @@ class Stream:
             return b""
         try:
             fd = self._complete_fd()
-            if fd is not None:
-                reader.stats.add(cache_hits=1)
-            elif self._memory is None and (entry.bytes <= reader.whole_object_max or reader.is_suspect(entry.sha256)):
+            hit = fd is not None
+            if not hit and self._memory is None and (entry.bytes <= reader.whole_object_max
+                                                     or reader.is_suspect(entry.sha256)):
                 fd = self._open_whole()
             if fd is not None:
                 data = os.pread(fd, size, offset)
@@ -469,7 +469,7 @@ class Stream:
         except S3fsimgError:
             reader.stats.add(errors=1)
             raise
-        reader.stats.add(reads=1, bytes_read=len(data))
+        reader.stats.add(reads=1, bytes_read=len(data), cache_hits=int(hit))
         return data
 
     def _read_blocks(self, offset: int, size: int) -> bytes:

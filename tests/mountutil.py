@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.procs import stop_process
+
 
 def fake_manifest(path: Path, n: int, *, dirs: int = 1000, dup_every: int = 0, with_ids: bool = True,
                   with_paths: bool = True) -> int:
@@ -121,13 +123,7 @@ class MountProcess:
         """Lazy unmount, then terminate, then kill: always, whatever state things are in."""
         if is_mounted(self.mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -19,6 +19,7 @@ import pytest
 from s3fsimg.manifest import parse_line
 from tests.lab.images import SampleSet, make_dataset
 from tests.lab.moto import free_port
+from tests.lab.procs import stop_process
 from tests.lab.proxy import LabProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,11 +226,7 @@ def authenticating_moto() -> Any:
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("level", ["debug", "warning"])
