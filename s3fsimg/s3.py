@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
@@ -95,6 +96,22 @@ class _ShortRead(Exception):
     """The body ended before Content-Length bytes."""
 
 
+_shared_loader: Any = None  # botocore's model loader, shared by every session of this process
+
+
+def _new_session() -> boto3.session.Session:
+    """A new boto3 session (credentials and settings resolved afresh) that shares one botocore model
+    loader per process: the S3 service model is parsed once (~40 ms saved on every later client, in
+    forked DataLoader workers too). The loader holds only parsed JSON; a race here at worst parses twice."""
+    global _shared_loader
+    core = botocore.session.get_session()
+    if _shared_loader is None:
+        _shared_loader = core.get_component("data_loader")
+    else:
+        core.register_component("data_loader", _shared_loader)
+    return boto3.session.Session(botocore_session=core)
+
+
 class S3Store:
     """S3 operations under one bucket and prefix."""
 
@@ -116,8 +133,7 @@ class S3Store:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        self.client: S3Client = session.client("s3", endpoint_url=config.endpoint_url, config=boto_config)
+        self.client: S3Client = _new_session().client("s3", endpoint_url=config.endpoint_url, config=boto_config)
 
     # -- names ---------------------------------------------------------------------------------
     def key(self, relative: str) -> str:
