@@ -19,8 +19,9 @@ How a read `(entry, offset, size)` is served (`Stream.read`):
 4. Whenever every block of an object is in the cache, the object is assembled, its sha256 checked,
    and it becomes a complete object (blocks dropped). A mismatch drops every block, marks the object
    suspect (so step 2 applies to it from then on) and fails the read that completed it, and every
-   later read of each stream open on it (a read-ahead thread may have been the one to complete it): an object
-   whose bytes do not hash to its sha256 never reads back whole without an error.
+   later read of each stream that served blocks of it (a read-ahead thread may have been the one to
+   complete it): an object whose bytes do not hash to its sha256 never reads back whole without an
+   error.
 
 Every S3 response is checked against the manifest: the object's total size (Content-Range) and,
 where the manifest has one, the ETag, so an object replaced in the bucket fails the first range that
@@ -387,6 +388,7 @@ class Stream:
         self._window = 0
         self._lock = threading.Lock()
         self._failures_seen = reader.failure_count(entry.sha256)
+        self._served_blocks = False  # bytes not yet verified were served (see `read`)
 
     def close(self) -> None:
         with self._lock:
@@ -461,10 +463,11 @@ class Stream:
                 data = self._memory[offset:offset + size]
             else:
                 data = self._read_blocks(offset, size)
-            if reader.failure_count(entry.sha256) != self._failures_seen:
+                self._served_blocks = True
+            if self._served_blocks and reader.failure_count(entry.sha256) != self._failures_seen:
                 # The object failed verification since this stream opened, possibly in a read-ahead
-                # thread that completed it: bytes this stream served may have been wrong, so it never
-                # reads on as if nothing happened (a new open reads the object whole and verified).
+                # thread that completed it: block bytes this stream served may have been wrong, so it
+                # never reads on as if nothing happened (a new open reads the object whole, verified).
                 raise IntegrityError(f"{reader.store.where(entry.path)}: failed verification while being read")
         except S3fsimgError:
             reader.stats.add(errors=1)
