@@ -52,7 +52,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 class Stream(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
 
-    def read_nowait(self, offset: int, size: int) -> bytes | None: ...
+    def read_nowait(self, offset: int, size: int) -> bytes | bytearray | None: ...
 
     def close(self) -> None: ...
 
@@ -271,11 +271,14 @@ class Operations(pyfuse3.Operations):
         self._count("opens")
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a bytearray filled by preadv goes out
+    # without a copy into bytes; its stub says bytes.
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         self._count("reads")
+        data: bytes | bytearray
         try:
             if handle.fd is not None:
                 data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off, limiter=self.limiter)

@@ -424,7 +424,7 @@ class Stream:
             return None
         return self._adopt(fd)
 
-    def read_nowait(self, offset: int, size: int) -> bytes | None:
+    def read_nowait(self, offset: int, size: int) -> bytes | bytearray | None:
         """The bytes, if they can be had without blocking: the object is complete in the cache, this
         stream has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
         Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
@@ -443,7 +443,7 @@ class Stream:
         if n != size:
             return None
         self.reader.stats.add(reads=1, bytes_read=n, cache_hits=1)
-        return bytes(buf)
+        return buf  # no copy into bytes: the filesystem replies straight from this buffer
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the object, short at its end; b"" at or after it."""
