@@ -21,7 +21,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from s3fsimg.mount import mount_info  # noqa: E402
 from tests.lab.moto import MotoServer, lab_env, s3_client  # noqa: E402
+from tests.lab.procs import stop_process  # noqa: E402
 from tests.lab.proxy import LabProxy  # noqa: E402
 
 
@@ -159,6 +161,27 @@ def run_timed(
 
 def best_of(n: int, fn: Callable[[], Any]) -> float:
     return min(timed(fn)[0] for _ in range(n))
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak RSS (VmHWM) of a live process in MB; 0 when it cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def is_mounted(mp: Path) -> bool:
+    return mount_info(mp) is not None
+
+
+def unmount_and_stop(mp: Path, proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> None:
+    """`fusermount3 -u -z` if anything is mounted at `mp`, then stop the process that served it."""
+    with contextlib.suppress(Exception):
+        if is_mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, timeout=30, check=False)
+    stop_process(proc, timeout)
 
 
 def drop_page_cache() -> bool:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Lab, Report, Section, drop_page_cache, fmt, step
+from bench.common import ROOT, Lab, Report, Section, drop_page_cache, fmt, is_mounted, step, unmount_and_stop, vm_hwm_mb
 from bench.write import rclone_env
 
 SYSTEMS = ("s3fsimg", "rclone", "s3fs")
@@ -145,12 +145,6 @@ class ImageFolderLoop:
 
 # -- the three mounts ----------------------------------------------------------------------------
 
-def _mounted(mp: Path) -> bool:
-    target = os.path.abspath(mp)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 class Mount:
     """One mount of one system on a fresh cache directory, in the foreground (so its pid is ours)."""
 
@@ -189,7 +183,7 @@ class Mount:
         logf.close()
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while True:
-            if _mounted(self.mp):
+            if is_mounted(self.mp):
                 with contextlib.suppress(OSError):
                     os.listdir(self.mp)
                     break
@@ -204,23 +198,10 @@ class Mount:
     def peak_rss_mb(self) -> float:
         """VmHWM of the mount process (MB)."""
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        return vm_hwm_mb(self.proc.pid)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            if _mounted(self.mp):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True, timeout=30, check=False)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        unmount_and_stop(self.mp, self.proc)
         shutil.rmtree(self.cache, ignore_errors=True)
 
     def __enter__(self) -> Mount:
@@ -483,7 +464,7 @@ def run(lab: Lab, report: Report, args: Any, data: Path) -> None:
         if loop is not None:
             loop.close()
         for mp in work.glob("mnt-*"):
-            if _mounted(mp):
+            if is_mounted(mp):
                 subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
         lab.latency(0)
         shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Lab, Report, step
+from bench.common import ROOT, Lab, Report, is_mounted, step, unmount_and_stop, vm_hwm_mb
 from tests.lab.moto import s3_client
 
 DUP_EVERY = 20  # every 20th line names the previous line's object again (another id, another source path)
@@ -73,19 +73,6 @@ def names_of(i: int) -> list[str]:
             f"by-path/class{i % DIRS:04d}/img{i:08d}.jpg"]
 
 
-def is_mounted(mp: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split()[4] == str(mp) for line in f)
-
-
-def vm_hwm_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class Mount:
     """`s3fsimg mount MP --foreground` in a subprocess; always unmounted and stopped by `stop()`."""
 
@@ -114,18 +101,9 @@ class Mount:
         return vm_hwm_mb(self.proc.pid)
 
     def stop(self) -> None:
-        if is_mounted(self.mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True, check=False)
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+        unmount_and_stop(self.mp, self.proc, timeout=30)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def count_files(root: Path) -> tuple[float, int]:
@@ -140,18 +118,15 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, s
     polled until it exits: wait4's ru_maxrss would count the bench's own memory, which the child
     holds between fork and exec."""
     started = time.perf_counter()
-    peak_kb = 0
+    peak = 0.0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         while proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError), open(f"/proc/{proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        peak_kb = max(peak_kb, int(line.split()[1]))
+            peak = max(peak, vm_hwm_mb(proc.pid))
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         err.seek(0)
-        return elapsed, peak_kb / 1024, int(proc.returncode), err.read().decode(errors="replace")
+        return elapsed, peak, int(proc.returncode), err.read().decode(errors="replace")
 
 
 def run(lab: Lab, report: Report, args: Any, data_dir: Path) -> None:

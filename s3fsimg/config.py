@@ -140,10 +140,6 @@ class Config:
         """The S3 key of `relative` (a manifest path or the manifest key) under the prefix."""
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
-    @property
-    def manifest_s3_key(self) -> str:
-        return self.key(self.manifest_key)
-
     def where(self, relative: str = "") -> str:
         """`s3://bucket/key` for messages (never contains credentials)."""
         return f"s3://{self.bucket or '?'}/{self.key(relative) if relative else self.prefix}"

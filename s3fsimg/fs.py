@@ -19,13 +19,14 @@ Live counters (reads, bytes, errors...) merged with the reader's stats are expos
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
 import stat
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,7 +110,9 @@ class Operations(pyfuse3.Operations):
         self._lock = threading.Lock()  # counters are also bumped from reader threads' results
         self.counters: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
-        self._entries: OrderedDict[int, Entry] = OrderedDict()  # only touched on the trio thread
+        # The manifest entry of an object inode, from an LRU of recently opened ones, else the index
+        # (NotFound is raised, not cached).
+        self._object_entry = functools.lru_cache(maxsize=OPEN_ENTRY_CACHE)(index.object_for_inode)
 
     # -- helpers -------------------------------------------------------------------------------
     def _attrs(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -134,18 +137,6 @@ class Operations(pyfuse3.Operations):
         if a is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
-
-    def _object_entry(self, inode: int) -> Entry:
-        """The manifest entry of object `inode`, from the small LRU of recently opened ones or the index."""
-        entry = self._entries.get(inode)
-        if entry is not None:
-            self._entries.move_to_end(inode)
-            return entry
-        entry = self.index.object_for_inode(inode)
-        self._entries[inode] = entry
-        if len(self._entries) > OPEN_ENTRY_CACHE:
-            self._entries.popitem(last=False)
-        return entry
 
     def _fail(self, exc: BaseException, key: str) -> pyfuse3.FUSEError:
         """The FUSEError for `exc`; an EIO is counted and logged once per (key, cause)."""

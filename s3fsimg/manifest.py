@@ -417,7 +417,3 @@ class Validator:
                 yield Problem(lineno, "source_path", f"{src!r} lies under {p!r}, which is a file on line {row[0]}")
             if db.execute("INSERT OR IGNORE INTO dirs VALUES (?,?)", (p, lineno)).rowcount == 0:
                 break  # its ancestors are in already
-
-    def check_file(self, f: IO[bytes]) -> Iterator[Problem]:
-        for lineno, raw in enumerate(f, 1):
-            yield from self.check_line(lineno, raw)

@@ -64,20 +64,15 @@ def set_readahead(mountpoint: Path, kib: int = READ_AHEAD_KB) -> bool:
     """Set the mount's kernel readahead (sysfs, /sys/class/bdi/<dev>/read_ahead_kb); best effort: False
     when not permitted (not root, read-only /sys). Reads /proc/self/mountinfo only: it does not touch
     the mount, so it may run before the FUSE loop answers."""
-    target = os.path.abspath(mountpoint)
-    dev = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" - ")[0].split()
-            if len(fields) >= 5 and _unescape(fields[4]) == target:
-                dev = fields[2]
-    if dev is None:
-        return False
     try:
+        line = _mountinfo_line(mountpoint)
+        if line is None:
+            return False
+        dev = line[0][2]  # major:minor, the bdi's name
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(kib))
     except OSError as exc:
-        log.debug("cannot set the readahead of %s to %d KiB: %s", target, kib, exc.strerror)
+        log.debug("cannot set the readahead of %s to %d KiB: %s", mountpoint, kib, exc.strerror)
         return False
     return True
 
@@ -130,21 +125,30 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _mountinfo_line(mountpoint: Path) -> tuple[list[str], list[str]] | None:
+    """The fields before and after " - " of the last /proc/self/mountinfo line mounted at `mountpoint`
+    (the one on top); None when nothing is mounted there. OSError when mountinfo cannot be read."""
+    target = os.path.abspath(mountpoint)
+    found: tuple[list[str], list[str]] | None = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and _unescape(fields[4]) == target:
+                found = (fields, right.split())
+    return found
+
+
 def mount_info(mountpoint: Path) -> tuple[str, str] | None:
     """(filesystem type, source) of the mount at `mountpoint`, or None when nothing is mounted there."""
-    target = os.path.abspath(mountpoint)
-    found: tuple[str, str] | None = None
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) >= 5 and _unescape(fields[4]) == target:
-                    parts = right.split()
-                    found = (parts[0], parts[1] if len(parts) > 1 else "")
+        line = _mountinfo_line(mountpoint)
     except OSError:
-        return (("unknown", "")) if os.path.ismount(target) else None
-    return found
+        return ("unknown", "") if os.path.ismount(mountpoint) else None
+    if line is None:
+        return None
+    parts = line[1]
+    return (parts[0], parts[1] if len(parts) > 1 else "")
 
 
 def check_mountpoint(mountpoint: Path) -> Path:

@@ -89,17 +89,20 @@ def test_eight_processes_same_fifty_images(fifty: dict[str, Entry], s3_env: dict
 # ------------------------------------------------------------------------------------------- 3. bound
 
 
-def test_bound_holds_with_four_processes(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any,
-                                         tmp_path: Path) -> None:
+def _bound_and_slack(fifty: dict[str, Entry]) -> tuple[int, int, int]:
+    """(working set, cache bound, stated slack) of the 4-process bound tests (64 KiB blocks). The slack
+    is what processes have in flight (data being written lives in tmp/, so objects/ + blocks/ stay
+    within the bound otherwise): a few blocks each, and an object being completed (two processes
+    completing large objects at once hold both until the ledger, which counts both, evicts one: with a
+    bound of 1.5x the largest object that happens); plus file-system rounding (4 KiB a file)."""
     total = sum(e.bytes for e in fifty.values())
     largest = max(e.bytes for e in fifty.values())
-    bound = max(int(largest * 1.5), total // 3)
-    block = 64 << 10
-    # The stated slack: what processes have in flight (data being written lives in tmp/, so objects/ +
-    # blocks/ stay within the bound otherwise): a few blocks each, and an object being completed (two
-    # processes completing large objects at once hold both until the ledger, which counts both, evicts
-    # one: with a bound of 1.5x the largest object that happens); plus file-system rounding (4 KiB a file).
-    slack = 4 * 4 * block + largest + 4096 * len(fifty)
+    return total, max(int(largest * 1.5), total // 3), 4 * 4 * (64 << 10) + largest + 4096 * len(fifty)
+
+
+def test_bound_holds_with_four_processes(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any,
+                                         tmp_path: Path) -> None:
+    total, bound, slack = _bound_and_slack(fifty)
     env = worker_env(s3_env, DATASET_CACHE_MAX_BYTES=str(bound), DATASET_BLOCK_SIZE="64K")
     cache = Path(s3_env["DATASET_CACHE_DIR"])
     with UsageSampler(cache) as sampler:
@@ -114,11 +117,7 @@ def test_bound_holds_with_four_processes(fifty: dict[str, Entry], s3_env: dict[s
 def test_bound_holds_with_four_processes_mixed(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any,
                                                tmp_path: Path) -> None:
     """Four processes at once, two reading by chunks (blocks), two by whole reads (objects)."""
-    total = sum(e.bytes for e in fifty.values())
-    largest = max(e.bytes for e in fifty.values())
-    bound = max(int(largest * 1.5), total // 3)
-    block = 64 << 10
-    slack = 4 * 4 * block + largest + 4096 * len(fifty)  # as above
+    total, bound, slack = _bound_and_slack(fifty)
     env = worker_env(s3_env, DATASET_CACHE_MAX_BYTES=str(bound), DATASET_BLOCK_SIZE="64K")
     cache = Path(s3_env["DATASET_CACHE_DIR"])
     ids = sorted(fifty)
