@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, CacheError
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,6 @@ CREATE TRIGGER IF NOT EXISTS files_upd AFTER UPDATE OF bytes ON files BEGIN
     UPDATE totals SET bytes = bytes - OLD.bytes + NEW.bytes;
 END;
 """
-
-
-def _private_dirs(path: Path) -> None:
-    """`mkdir -p` with mode 0700 for every directory it creates (Path.mkdir gives parents the umask's)."""
-    if path.is_dir():
-        return
-    _private_dirs(path.parent)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -426,7 +418,7 @@ class DiskCache:
         is checked after the rename and written again if it is gone, so no file stays unaccounted for."""
         final = self.base / name
         self._record(name, size)
-        _private_dirs(final.parent)
+        private_dirs(final.parent)
         os.replace(tmp, final)
         with self._lock:
             present = self._db.execute("SELECT 1 FROM files WHERE name=?", (name,)).fetchone()

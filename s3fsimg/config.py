@@ -6,6 +6,7 @@ choices) happens at load time, so a bad value exits 2 before any network call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -143,3 +144,13 @@ class Config:
     def where(self, relative: str = "") -> str:
         """`s3://bucket/key` for messages (never contains credentials)."""
         return f"s3://{self.bucket or '?'}/{self.key(relative) if relative else self.prefix}"
+
+
+def private_dirs(path: Path) -> Path:
+    """`mkdir -p` with mode 0700 for every directory it creates (Path.mkdir gives parents the umask's
+    mode): the rule of the cache directory and everything in it, whichever layer creates it first."""
+    if not path.is_dir():
+        private_dirs(path.parent)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+    return path

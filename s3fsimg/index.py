@@ -78,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, ManifestError, NotFound, S3fsimgError
 from s3fsimg.manifest import Entry, EntryProblem, extension_for, fast_fields, parse_fields
 
@@ -1018,11 +1019,6 @@ class Index:
 # Finding or building the index of a bucket's manifest
 # ----------------------------------------------------------------------------------------------
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1046,7 +1042,7 @@ def ensure_index(manifest_file: Path, index_dir: Path, *, digest: str | None = N
     """The open index of a local manifest, built under `index_dir/<sha256>.sqlite` if missing (under an
     flock, so concurrent processes build it once)."""
     digest = digest or _sha256_file(manifest_file)
-    _private_dir(index_dir)
+    private_dirs(index_dir)
     dest = index_dir / f"{digest}.sqlite"
     with contextlib.suppress(ManifestError):
         return Index.open(dest, manifest_digest=digest)
@@ -1098,7 +1094,7 @@ def load_index(config: Config, store: S3Store) -> tuple[Index, Path]:
     is away. An invalid manifest raises ManifestError naming `s3://bucket/key:LINE`.
     """
     where = store.where(config.manifest_key)
-    manifests = _private_dir(config.cache_dir / "manifests")
+    manifests = private_dirs(config.cache_dir / "manifests")
     ident = f"{config.endpoint_url or 'aws'}|{store.bucket}|{store.key(config.manifest_key)}"
     try:
         info = _head_manifest(store, config.manifest_key, where)

@@ -40,7 +40,7 @@ import pyfuse3
 import trio
 
 from s3fsimg import errors
-from s3fsimg.config import Config
+from s3fsimg.config import Config, private_dirs
 from s3fsimg.errors import MountError, S3fsimgError
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def _daemon(config: Config, mp: Path, *, allow_other: bool, log_file: Path | Non
         os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
         if log_file is None:
-            config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(config.cache_dir)
             log_file = config.cache_dir / "mount.log"
         setup_logging(config.log_level, log_file)
         for fd in (0, 1, 2):

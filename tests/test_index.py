@@ -197,6 +197,20 @@ def test_open_checks_metadata(tmp_path: Path) -> None:
         Index.open(tmp_path / "missing.sqlite")
 
 
+def test_index_dirs_created_private_at_every_level(tmp_path: Path) -> None:
+    """A mount loads its index before its cache exists: the cache directory it creates on the way
+    (cache_dir/index) is 0700 at every level, whatever the umask."""
+    m = tmp_path / "m.jsonl"
+    fake_manifest(m, 10)
+    old = os.umask(0o022)
+    try:
+        ensure_index(m, tmp_path / "cache" / "index").close()
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "cache").stat().st_mode & 0o777) == oct(0o700)
+    assert oct((tmp_path / "cache" / "index").stat().st_mode & 0o777) == oct(0o700)
+
+
 def test_ensure_index_builds_once_and_reuses(tmp_path: Path) -> None:
     m = tmp_path / "m.jsonl"
     fake_manifest(m, 500)
