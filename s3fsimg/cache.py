@@ -19,7 +19,7 @@ On-disk layout (everything 0700/0600, so other users cannot read it)::
                                        single-flight across processes (and threads)
         ledger.sqlite                  the LRU ledger (WAL mode; schema in `_SCHEMA`)
         boot_id                        the boot in which the cache was last opened (see `_check_boot`)
-      index/, manifests/               owned by index.py
+      index/, manifests/               owned by index_load.py
 
 Invariants (what makes it safe from many processes and after SIGKILL at any instant):
 - A file under objects/ or blocks/ is complete: it is written under tmp/, then renamed. A block is

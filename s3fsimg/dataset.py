@@ -37,7 +37,7 @@ class _State:
     """Everything that must not cross a fork."""
 
     def __init__(self, config: Config) -> None:
-        from s3fsimg.index import load_index
+        from s3fsimg.index_load import load_index
         from s3fsimg.s3 import S3Store
 
         self.pid = os.getpid()

@@ -10,7 +10,7 @@ Order of work, and why:
 2. unless `foreground`, fork: the parent waits on a pipe until the child reports "ready" (exit 0) or
    an error (raised again in the parent, same class and message). The child forks once more and
    calls setsid, so it survives the shell. Forking happens BEFORE any boto3 client or thread exists;
-3. in the serving process: the S3 store, the index (`index.load_index`: manifest problems are
+3. in the serving process: the S3 store, the index (`index_load.load_index`: manifest problems are
    reported here), the reader, the Operations, `pyfuse3.init` (mount), then the trio loop;
 4. SIGTERM/SIGINT -> `pyfuse3.terminate()` -> the loop ends -> `pyfuse3.close(unmount=True)`; after
    an error, `close(unmount=False)`; an external `fusermount3 -u` also ends the loop.
@@ -280,7 +280,7 @@ def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Calla
            ready_fd: int | None) -> None:
     """Build everything, mount, serve until unmounted or signalled, then close everything."""
     from s3fsimg.fs import Operations
-    from s3fsimg.index import load_index
+    from s3fsimg.index_load import load_index
     from s3fsimg.s3 import S3Store
 
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,8 @@ import trio
 
 from s3fsimg.errors import BackendError, IntegrityError, NotFound, ReadOnly, S3fsimgError
 from s3fsimg.fs import STATS_XATTR, Operations, errno_for
-from s3fsimg.index import BY_ID_INODE, IMAGES_INODE, MANIFEST_INODE, ROOT_INODE, Index, build_index
+from s3fsimg.index import BY_ID_INODE, IMAGES_INODE, MANIFEST_INODE, ROOT_INODE, Index
+from s3fsimg.index_build import build_index
 from s3fsimg.manifest import Entry, object_path
 from tests.checklogs import expect_logs
 

@@ -19,9 +19,9 @@ from s3fsimg.index import (
     OBJ_BASE,
     ROOT_INODE,
     Index,
-    build_index,
-    ensure_index,
 )
+from s3fsimg.index_build import build_index
+from s3fsimg.index_load import ensure_index
 from s3fsimg.manifest import Entry, object_path
 from tests.mountutil import fake_manifest
 
@@ -359,12 +359,12 @@ def test_errors_in_a_later_part_name_the_manifest_line(tmp_path: Path, bad: obje
 
 def test_ensure_index_builds_in_a_child_process_and_reports_bad_lines(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import s3fsimg.index
+    import s3fsimg.index_build
 
     def not_here(*args: object, **kwargs: object) -> None:
         raise AssertionError("built in the calling process")
 
-    monkeypatch.setattr(s3fsimg.index, "build_index", not_here)  # the child process has the real one
+    monkeypatch.setattr(s3fsimg.index_build, "build_index", not_here)  # the child process has the real one
     m = write(tmp_path / "m.jsonl", [entry(0), entry(1), entry(2, bytes=-1)])
     with pytest.raises(ManifestError, match=r"^s3://b/k:3: bytes"):
         ensure_index(m, tmp_path / "index", where="s3://b/k")
