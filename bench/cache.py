@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def run(lab: Lab, report: Report, args: Any, data: Path) -> None:
             for r in range(rounds):
                 ds = Dataset(_config(lab, bucket, Path(tmp) / f"cold-{latency}-{r}"))
                 ds.index  # noqa: B018 - load the index before timing
-                t_ours.append(timed(lambda ds=ds: ds.fetch_many([e.sha256 for e in entries], threads=THREADS))[0])
+                t_ours.append(timed(partial(ds.fetch_many, [e.sha256 for e in entries], threads=THREADS))[0])
                 ds.close()
             sec.add(f"cold fetch, {latency} ms", total / 1e6 / min(t_ours), "MB/s", baseline="boto3 GET",
                     ratio=t_boto / min(t_ours), goal=1.0)
@@ -138,7 +139,7 @@ def sweep(lab: Lab, bucket: str, tmp: Path, entries: list[Entry], large: list[En
         lab.latency(25)
         ds = Dataset(_config(lab, bucket, tmp / f"sweep-s-{bs}", block_size=bs))
         ds.index  # noqa: B018
-        t, _ = timed(lambda ds=ds: open_read_all(ds, large))
+        t, _ = timed(partial(open_read_all, ds, large))
         ds.close()
         lab.latency(0)
         rows.append([f"{bs >> 10} KiB", f"{hdr:.2f}", fmt(sum(e.bytes for e in large) / 1e6 / t)])
@@ -151,7 +152,7 @@ def sweep(lab: Lab, bucket: str, tmp: Path, entries: list[Entry], large: list[En
         ds.index  # noqa: B018
         assert lab.proxy is not None
         lab.proxy.reset()
-        t, _ = timed(lambda ds=ds: open_read_all(ds, entries))
+        t, _ = timed(partial(open_read_all, ds, entries))
         gets = lab.proxy.get_count("GET", "images/")
         ds.close()
         lab.latency(0)
