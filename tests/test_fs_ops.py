@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,13 @@ SHAS = [f"{i:02x}" * 32 for i in range(1, 4)]
 
 
 @pytest.fixture
-def ops(tmp_path: Path) -> Operations:
+def reader() -> FakeReader:
+    """The fake reader behind `ops` (typed as itself, so tests can reach its test-only attributes)."""
+    return FakeReader()
+
+
+@pytest.fixture
+def ops(tmp_path: Path, reader: FakeReader) -> Iterator[Operations]:
     lines = [
         {"sha256": SHAS[0], "path": object_path(SHAS[0], "image/jpeg"), "bytes": 1000, "content_type": "image/jpeg",
          "width": 10, "height": 20, "logical_id": "ID1", "source_path": "a/one.jpg"},
@@ -82,7 +88,7 @@ def ops(tmp_path: Path) -> Operations:
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     build_index(manifest, tmp_path / "i.sqlite", manifest_digest="x", mtime_ns=1_700_000_000 * 10**9)
     index = Index.open(tmp_path / "i.sqlite")
-    o = Operations(index, FakeReader(), manifest_path=manifest)
+    o = Operations(index, reader, manifest_path=manifest)
     yield o
     o.close()
     index.close()
@@ -128,6 +134,7 @@ def test_attributes(ops: Operations) -> None:
         empty = await resolve(ops, object_path(SHAS[2], "image/gif"))
         assert empty.st_size == 0 and empty.st_blocks == 0
         m = await resolve(ops, "manifest.jsonl")
+        assert ops.manifest_path is not None
         assert m.st_size == ops.manifest_path.stat().st_size
         with pytest.raises(pyfuse3.FUSEError) as info:
             await ops.lookup(ROOT_INODE, b"missing", CTX)
@@ -153,7 +160,7 @@ def test_listing(ops: Operations) -> None:
     run(main)
 
 
-def test_read_goes_through_a_worker_thread(ops: Operations) -> None:
+def test_read_goes_through_a_worker_thread(ops: Operations, reader: FakeReader) -> None:
     async def main() -> None:
         attr = await resolve(ops, object_path(SHAS[1], "image/png"))
         fi = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
@@ -163,8 +170,9 @@ def test_read_goes_through_a_worker_thread(ops: Operations) -> None:
         assert await ops.read(fi.fh, 69_000, 4096) == whole[69_000:]
         assert await ops.read(fi.fh, 80_000, 10) == b""
         await ops.release(fi.fh)
-        assert ops.reader.streams[-1].closed
-        assert threading.get_ident() not in ops.reader.threads  # never on the trio thread
+        assert reader.streams[-1].closed
+        assert threading.get_ident() not in reader.threads  # never on the trio thread
+        assert ops.manifest_path is not None
         m = await ops.open(MANIFEST_INODE, os.O_RDONLY, CTX)
         assert await ops.read(m.fh, 0, 1 << 20) == ops.manifest_path.read_bytes()
         await ops.release(m.fh)
@@ -228,7 +236,8 @@ def test_xattrs(ops: Operations) -> None:
     run(main)
 
 
-def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, caplog: pytest.LogCaptureFixture) -> None:
+def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, reader: FakeReader,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     assert errno_for(NotFound("x")) == errno.ENOENT
     assert errno_for(ReadOnly("x")) == errno.EROFS
     assert errno_for(BackendError("x")) == errno.EIO
@@ -238,17 +247,17 @@ def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, caplog: pyt
     assert errno_for(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
 
     async def main() -> None:
-        ops.reader.fail[SHAS[1]] = IntegrityError("s3://b/images/x: sha256 mismatch")
+        reader.fail[SHAS[1]] = IntegrityError("s3://b/images/x: sha256 mismatch")
         attr = await resolve(ops, object_path(SHAS[1], "image/png"))
         fi = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
         for _ in range(3):
             with pytest.raises(pyfuse3.FUSEError) as info:
                 await ops.read(fi.fh, 0, 10)
             assert info.value.errno == errno.EIO
-        ops.reader.fail[SHAS[1]] = BackendError("s3://b/images/x: cannot connect")
+        reader.fail[SHAS[1]] = BackendError("s3://b/images/x: cannot connect")
         with pytest.raises(pyfuse3.FUSEError):
             await ops.read(fi.fh, 0, 10)
-        del ops.reader.fail[SHAS[1]]
+        del reader.fail[SHAS[1]]
         assert len(await ops.read(fi.fh, 0, 10)) == 10  # works again once the fault is gone
         stats = json.loads(await ops.getxattr(ROOT_INODE, STATS_XATTR, CTX))
         assert stats["errors"] == 4
@@ -260,7 +269,7 @@ def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, caplog: pyt
     assert "sha256 mismatch" in eio[0].getMessage() and object_path(SHAS[1], "image/png") in eio[0].getMessage()
 
 
-def test_slow_read_does_not_block_lookups(ops: Operations) -> None:
+def test_slow_read_does_not_block_lookups(ops: Operations, reader: FakeReader) -> None:
     gate = threading.Event()
 
     class SlowStream(FakeStream):
@@ -268,7 +277,8 @@ def test_slow_read_does_not_block_lookups(ops: Operations) -> None:
             gate.wait(10)
             return b"x"
 
-    ops.reader.open_stream = lambda entry: SlowStream(ops.reader, entry)  # type: ignore[method-assign]
+    # replaces the method on this one instance, deliberately (mypy rejects assigning to a method)
+    reader.open_stream = lambda entry: SlowStream(reader, entry)  # type: ignore[method-assign]
 
     async def main() -> None:
         attr = await resolve(ops, "by-path/a/one.jpg")

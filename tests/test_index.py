@@ -6,7 +6,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from s3fsimg.index import (
     MANIFEST_INODE,
     OBJ_BASE,
     ROOT_INODE,
+    Attr,
     Index,
 )
 from s3fsimg.index_build import build_index
@@ -46,7 +49,7 @@ def write(path: Path, lines: list[dict[str, object] | str]) -> Path:
 
 
 @pytest.fixture
-def small(tmp_path: Path) -> Index:
+def small(tmp_path: Path) -> Iterator[Index]:
     m = write(tmp_path / "m.jsonl", [
         entry(0, logical_id="A", source_path="cats/a.png", width=3, height=4, etag='"e0"'),
         entry(1, logical_id="B", source_path="dogs/deep/b.png"),
@@ -60,6 +63,13 @@ def small(tmp_path: Path) -> Index:
     index = Index.open(dest, manifest_digest="d" * 64)
     yield index
     index.close()
+
+
+def attr_of(index: Index, inode: int) -> Attr:
+    """The attributes of an inode the test expects to exist."""
+    attr = index.getattr(inode)
+    assert attr is not None, inode
+    return attr
 
 
 def walk(index: Index, inode: int = ROOT_INODE, prefix: str = "") -> dict[str, int]:
@@ -90,11 +100,11 @@ def test_layout_names_and_inodes(small: Index) -> None:
     # one inode per object, shared by all its names; nlink counts them
     ino = files[a]
     assert files["by-path/cats/a.png"] == files["by-path/copies/a.png"] == files[f"by-id/C/{base(a)}"] == ino
-    assert small.getattr(ino).nlink == 5  # images + by-id A + by-id C + 2 by-path
-    assert small.getattr(files[c]).nlink == 1
-    assert small.getattr(ino).size == 100
+    assert attr_of(small, ino).nlink == 5  # images + by-id A + by-id C + 2 by-path
+    assert attr_of(small, files[c]).nlink == 1
+    assert attr_of(small, ino).size == 100
     assert small.object_for_inode(ino).sha256 == sha(0)
-    assert small.getattr(MANIFEST_INODE).size == small.manifest_bytes
+    assert attr_of(small, MANIFEST_INODE).size == small.manifest_bytes
     assert small.entry_count() == 5 and small.object_count() == 4
     assert small.name_count() == len(files)
     assert small.mtime_ns == 123
@@ -108,7 +118,9 @@ def test_lookup_misses(small: Index) -> None:
     assert small.lookup(BY_PATH_INODE, b"cats/a.png") is None
     a = object_path(sha(0), "image/png").split("/")
     ab = small.lookup(IMAGES_INODE, a[1].encode())
+    assert ab is not None
     cd = small.lookup(ab, a[2].encode())
+    assert cd is not None
     assert small.lookup(cd, a[3].encode()) is not None
     assert small.lookup(cd, a[3].replace(".png", ".jpg").encode()) is None
     assert small.lookup(cd, sha(1).encode() + b".png") is None  # exists elsewhere, not in this dir
@@ -125,16 +137,20 @@ def test_entries_xattrs_and_ids(small: Index) -> None:
     assert [e.logical_id for e in small.iter_entries()] == ["A", "B", "C", None, "A"]
     with pytest.raises(IndexError):
         small.nth_entry(5)
-    assert small.by_sha256(sha(1)).logical_id == "B"
+    b = small.by_sha256(sha(1))
+    assert b is not None and b.logical_id == "B"
     assert small.by_sha256("0" * 64) is None
-    assert small.by_logical_id("C").sha256 == sha(0)
+    c = small.by_logical_id("C")
+    assert c is not None and c.sha256 == sha(0)
     assert small.by_logical_id("nope") is None
-    x = small.xattrs(small.inode_for_sha256(sha(0)))
+    ino0, ino2 = small.inode_for_sha256(sha(0)), small.inode_for_sha256(sha(2))
+    assert ino0 is not None and ino2 is not None
+    x = small.xattrs(ino0)
     assert x == {"user.s3fsimg.sha256": sha(0).encode(), "user.s3fsimg.logical_id": b"A",
                  "user.s3fsimg.width": b"3", "user.s3fsimg.height": b"4",
                  "user.s3fsimg.content_type": b"image/png", "user.s3fsimg.etag": b'"e0"'}
-    assert small.xattrs(small.inode_for_sha256(sha(2))) == {"user.s3fsimg.sha256": sha(2).encode(),
-                                                          "user.s3fsimg.content_type": b"image/png"}
+    assert small.xattrs(ino2) == {"user.s3fsimg.sha256": sha(2).encode(),
+                                  "user.s3fsimg.content_type": b"image/png"}
     assert small.xattrs(ROOT_INODE) == {}
 
 
@@ -156,7 +172,9 @@ def test_readdir_pages_resume_from_key(tmp_path: Path) -> None:
     fake_manifest(m, 2000, dirs=1)
     build_index(m, tmp_path / "i.sqlite", manifest_digest="x")
     with Index.open(tmp_path / "i.sqlite") as index:
-        for parent in (BY_ID_INODE, index.lookup(BY_PATH_INODE, b"class0000")):
+        class0 = index.lookup(BY_PATH_INODE, b"class0000")
+        assert class0 is not None
+        for parent in (BY_ID_INODE, class0):
             full = list(index.readdir(parent))
             assert len(full) == 2000
             keys = [k for _n, _i, k in full]
@@ -264,6 +282,7 @@ def test_build_streams_a_large_manifest(tmp_path: Path) -> None:
         started = time.monotonic()
         for i in range(0, 100_000, 50):
             e = index.nth_entry(i)
+            assert e.logical_id is not None
             assert index.lookup(BY_ID_INODE, e.logical_id.encode()) is not None
             assert index.by_sha256(e.sha256) is not None
         assert time.monotonic() - started < 5
@@ -281,17 +300,18 @@ def test_nlink_counts_distinct_logical_ids_of_repeated_objects(tmp_path: Path) -
     build_index(m, tmp_path / "i.sqlite", manifest_digest="x")
     with Index.open(tmp_path / "i.sqlite") as index:
         files = walk(index)
-        nlinks = {index.object_for_inode(i).sha256: index.getattr(i).nlink for i in set(files.values())
+        nlinks = {index.object_for_inode(i).sha256: attr_of(index, i).nlink for i in set(files.values())
                   if index.is_object(i)}
         assert nlinks == {sha(0): 1 + 2 + 2, sha(1): 2, sha(2): 3, sha(3): 1}
         for ino in set(files.values()):
             if index.is_object(ino):
-                assert index.getattr(ino).nlink == sum(1 for v in files.values() if v == ino)
+                assert attr_of(index, ino).nlink == sum(1 for v in files.values() if v == ino)
 
 
 def test_fast_and_slow_lines_build_the_same_index(tmp_path: Path) -> None:
     """Canonical lines take the fast parser, others (spaces, another field order) json.loads: same index."""
-    rows = [entry(i, logical_id=f"L{i % 3}", source_path=f"d{i % 2}/f{i}.png", etag='"e"', width=2) for i in range(20)]
+    rows: list[dict[str, Any]] = [entry(i, logical_id=f"L{i % 3}", source_path=f"d{i % 2}/f{i}.png", etag='"e"',
+                                        width=2) for i in range(20)]
     fast = write(tmp_path / "fast.jsonl", [Entry(**{**r, "bytes": int(r["bytes"])}).to_json() for r in rows])
     slow = write(tmp_path / "slow.jsonl", [json.dumps(dict(reversed(list(r.items())))) for r in rows])
     trees = []
@@ -302,7 +322,7 @@ def test_fast_and_slow_lines_build_the_same_index(tmp_path: Path) -> None:
     assert trees[0] == trees[1]
 
 
-def _tree(index: Index) -> tuple[dict[str, int], list[Entry], dict[int, object], dict[str, str]]:
+def _tree(index: Index) -> tuple[dict[str, int], list[Entry], dict[int, Attr | None], dict[str, str]]:
     files = walk(index)
     attrs = {i: index.getattr(i) for i in set(files.values())}
     return files, list(index.iter_entries()), attrs, index.metadata

@@ -282,8 +282,10 @@ def test_check_objects_reports_a_missing_object_once(sample_dir: SampleSet, s3_e
     assert cli(s3_env, "upload", str(sample_dir.root)).returncode == 0
     original, _copy = sample_dir.duplicates[0]
     victim = sample_dir.by_rel[original]
-    moto_client.delete_object(Bucket=bucket, Key=victim.s3_path)
+    key = victim.s3_path
+    assert key is not None  # an image
+    moto_client.delete_object(Bucket=bucket, Key=key)
     proc = cli(s3_env, "validate", "--check-objects")
     assert proc.returncode == 1
-    missing = [line for line in proc.stderr.splitlines() if victim.s3_path in line and "does not exist" in line]
+    missing = [line for line in proc.stderr.splitlines() if key in line and "does not exist" in line]
     assert len(missing) == 1, proc.stderr  # two names of one object: one HEAD, one error
