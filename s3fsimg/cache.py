@@ -3,7 +3,7 @@
 Owns the layout, atomic writes, the LRU ledger, eviction and the cross-process locks. It knows
 nothing of S3: `reader.py` decides what to fetch and calls `put_block`/`put_object` here.
 
-On-disk layout (everything 0700/0600, so other users cannot read it)::
+On-disk layout (every directory it creates 0700, every file 0600, so other users cannot read it)::
 
     CACHE_DIR/
       v1/
@@ -127,13 +127,10 @@ class DiskCache:
         self.caching = True  # False after a disk error we could not recover from
         self.closed = False
         try:
-            old = os.umask(0o077)
-            try:
-                for sub in ("objects", "blocks", "tmp", "locks"):
-                    (self.base / sub).mkdir(parents=True, exist_ok=True)
-            finally:
-                os.umask(old)
-            os.chmod(self.root, 0o700)
+            # Directories it creates are 0700; an existing cache root keeps its mode (it may be
+            # /tmp or a shared volume): v1/ and the other top-level directories are private anyway.
+            for sub in ("objects", "blocks", "tmp", "locks"):
+                private_dirs(self.base / sub)
             # SQLite creates its files with the umask (0644) and gives -wal/-shm the mode of the database:
             # create the database file 0600 ourselves first.
             ledger = self.base / "ledger.sqlite"

@@ -74,12 +74,13 @@ class Config:
                 # Does not override the environment; also feeds boto3 (AWS_* in .env).
                 load_dotenv(env_path, override=False)
             env = os.environ
+        # An empty value (`VAR=` in .env, `--flag ''`) means "not set": the default applies.
         raw: dict[str, Any] = {}
         for var, (name, default) in VARIABLES.items():
             value = env.get(var)
-            raw[name] = (value, var) if value is not None else (default, var)
+            raw[name] = (value, var) if value is not None and value.strip() else (default, var)
         for name, value in (flags or {}).items():
-            if value is not None:
+            if value is not None and not (isinstance(value, str) and not value.strip()):
                 raw[name] = (value, "--" + name.replace("_", "-"))
         return cls._parse(raw)
 

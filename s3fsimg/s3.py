@@ -1,7 +1,8 @@
 """The S3 store: the one place a boto3 client is built, and the one place S3 errors are translated.
 
 `S3Store(config)` owns a client configured from `Config` (endpoint, addressing style, anonymous
-mode, botocore's standard retry mode, timeouts, a pool sized to the caller's concurrency) and
+mode, region and retries from boto3's chain (botocore's standard retry mode unless the user set
+another), timeouts, a pool sized to the caller's concurrency) and
 offers the few operations the project needs, all keyed by paths relative to the dataset prefix.
 Errors leave as `BackendError`/`NotFound` with one line naming the bucket and key; the message
 never contains a credential.
@@ -12,6 +13,7 @@ A store is not shared across `fork()`: `Dataset` builds a new one in each proces
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
 from s3fsimg.config import Config
-from s3fsimg.errors import BackendError, IntegrityError, NotFound, S3fsimgError
+from s3fsimg.errors import BackendError, ConfigError, IntegrityError, NotFound, S3fsimgError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -99,8 +101,8 @@ class _ShortRead(Exception):
 _shared_loader: Any = None  # botocore's model loader, shared by every session of this process
 
 
-def _new_session() -> boto3.session.Session:
-    """A new boto3 session (credentials and settings resolved afresh) that shares one botocore model
+def _new_session() -> botocore.session.Session:
+    """A new botocore session (credentials and settings resolved afresh) that shares one model
     loader per process: the S3 service model is parsed once (~40 ms saved on every later client, in
     forked DataLoader workers too). The loader holds only parsed JSON; a race here at worst parses twice."""
     global _shared_loader
@@ -109,31 +111,47 @@ def _new_session() -> boto3.session.Session:
         _shared_loader = core.get_component("data_loader")
     else:
         core.register_component("data_loader", _shared_loader)
-    return boto3.session.Session(botocore_session=core)
+    return core
 
 
 class S3Store:
     """S3 operations under one bucket and prefix."""
 
     def __init__(self, config: Config, *, max_pool: int = 16, read_timeout: float | None = None,
-                 max_attempts: int = 5) -> None:
+                 max_attempts: int | None = None) -> None:
+        """`max_attempts`: botocore's retries (after the first try); None: the user's setting
+        (AWS_MAX_ATTEMPTS, the profile's max_attempts) or else 5; 0 for a caller that retries itself."""
         self.config = config
         self.bucket = config.require_bucket()
         connect_timeout = min(5.0, max(1.0, config.read_deadline / 4))
         if read_timeout is None:
             read_timeout = min(30.0, max(1.0, config.read_deadline / 2))
-        boto_config = BotoConfig(
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_pool_connections=max_pool,
-            s3={"addressing_style": config.addressing_style},  # type: ignore[arg-type]
-            signature_version=UNSIGNED if config.anonymous else None,
-            # Checksums only where we ask for them (PUT with SHA-256); S3-compatible stores vary.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self.client: S3Client = _new_session().client("s3", endpoint_url=config.endpoint_url, config=boto_config)
+        try:
+            core = _new_session()
+            # The retry mode is always the chain's (AWS_RETRY_MODE, the profile; botocore's default is
+            # "standard"); so is the number of attempts, unless the caller retries itself.
+            retries: dict[str, Any] = {}
+            if max_attempts is not None:
+                retries["max_attempts"] = max_attempts
+            elif core.get_config_variable("max_attempts") is None:
+                retries["max_attempts"] = 5
+            boto_config = BotoConfig(
+                # AWS_REGION (what the AWS CLI v2 and the other SDKs read) before botocore's own chain
+                region_name=os.environ.get("AWS_REGION") or None,
+                retries=retries,  # type: ignore[arg-type]
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_pool_connections=max_pool,
+                s3={"addressing_style": config.addressing_style},  # type: ignore[arg-type]
+                signature_version=UNSIGNED if config.anonymous else None,
+                # Checksums only where we ask for them (PUT with SHA-256); S3-compatible stores vary.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            self.client: S3Client = boto3.session.Session(botocore_session=core).client(
+                "s3", endpoint_url=config.endpoint_url, config=boto_config)
+        except bexc.ProfileNotFound as exc:  # AWS_PROFILE names no profile: a configuration error
+            raise ConfigError(f"AWS_PROFILE: {exc}") from None
 
     # -- names ---------------------------------------------------------------------------------
     def key(self, relative: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from s3fsimg.cache import DiskCache
 from s3fsimg.dataset import Dataset
 from s3fsimg.errors import CacheError
 from s3fsimg.manifest import Entry
@@ -297,3 +298,20 @@ def test_cache_stats_and_clear_commands(fifty: dict[str, Entry], s3_env: dict[st
         for sha in shas[:5]:
             assert _digest(ds.fetch(sha).read_bytes()) == sha
     assert len(_image_gets(proxy)) == 5
+
+
+def test_an_existing_cache_root_keeps_its_mode(tmp_path: Path) -> None:
+    """`--cache-dir /tmp` (or a shared volume) must not be locked down to 0700: only what the cache
+    creates is private."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    with DiskCache(root, 1 << 20):
+        pass
+    assert stat.S_IMODE(root.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((root / "v1").stat().st_mode) == 0o700
+    fresh = tmp_path / "new" / "cache"
+    with DiskCache(fresh, 1 << 20):
+        pass
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from s3fsimg.config import Config
+from s3fsimg.config import VARIABLES, Config
 from s3fsimg.errors import ConfigError
 from s3fsimg.units import parse_duration, parse_size
 
@@ -81,3 +81,35 @@ def test_missing_bucket_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     expected = "s3fsimg: error: no bucket: set S3_BUCKET (in the environment or .env) or pass --bucket"
     assert proc.stderr.strip() == expected
+
+
+def test_an_empty_value_means_the_default() -> None:
+    """`VAR=` in a .env file is "not set" for every variable, not an error or an empty path."""
+    env = {var: "" for var in VARIABLES} | {"S3_BUCKET": "b"}
+    config = Config.load(env=env)
+    assert config == Config(bucket="b")
+    assert Config.load({"cache_dir": "", "read_deadline": " "}, env={"S3_BUCKET": "b"}) == Config(bucket="b")
+
+
+def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_REGION (read by the AWS CLI v2 and the other SDKs, not by botocore) and the user's retry
+    settings apply; without them: botocore's standard mode and 5 retries. The reader retries itself."""
+    from s3fsimg.s3 import S3Store
+
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    config = Config(bucket="b", endpoint_url="http://127.0.0.1:9")
+    meta = S3Store(config).client.meta
+    assert meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert S3Store(config).client.meta.region_name == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    meta = S3Store(config).client.meta
+    assert meta.region_name == "eu-west-3"
+    assert meta.config.retries == {"mode": "adaptive", "total_max_attempts": 2}
+    assert S3Store(config, max_attempts=0).client.meta.config.retries["total_max_attempts"] == 1
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(ConfigError, match=r"AWS_PROFILE: .*no-such-profile"):
+        S3Store(config)
