@@ -55,6 +55,7 @@ PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or a read-ahea
 BULK_READ = 512 << 10  # a first read at least this large asks for the whole object (see Stream._read_blocks)
 MAX_READAHEAD = 8 << 20  # read-ahead window limit per stream
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_GAVE_UP_HOLD = 2.0  # seconds after S3 failed an object in which a read of it is not retried (see ObjectReader._get)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ObjectReader:
         self._whole: dict[str, Future[Path]] = {}
         self._suspect: set[str] = set()
         self._failures: dict[str, int] = {}
+        self._gave_up: dict[str, float] = {}  # sha256 -> when S3 last failed it: see `_get`
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3fsimg-fetch")
         self._closed = False
 
@@ -185,8 +187,29 @@ class ObjectReader:
         return b"".join(f.result().data for f in futures)
 
     def _get(self, entry: Entry, start: int, end: int, deadline: float) -> GetResult:
-        """One ranged GET, checked against the manifest's size and ETag."""
-        result = self.store.get_range(entry.path, start, end, deadline=deadline)
+        """One ranged GET, checked against the manifest's size and ETag.
+
+        When S3 failed this object (after its retries) less than `_GAVE_UP_HOLD` ago, one attempt is
+        made, without retries: the kernel re-sends a failed READ (one page, after a failed
+        read-ahead), which must not wait a whole deadline again before read(2) returns EIO, and a
+        read right after S3 came back still succeeds."""
+        now = time.monotonic()
+        with self._lock:
+            failed_at = self._gave_up.get(entry.sha256)
+        if failed_at is not None and now - failed_at < _GAVE_UP_HOLD:
+            deadline = min(deadline, now)
+        try:
+            result = self.store.get_range(entry.path, start, end, deadline=deadline)
+        except BackendError:
+            now = time.monotonic()
+            with self._lock:
+                if len(self._gave_up) >= 256:
+                    self._gave_up = {k: t for k, t in self._gave_up.items() if now - t < _GAVE_UP_HOLD}
+                self._gave_up[entry.sha256] = now
+            raise
+        if failed_at is not None:
+            with self._lock:
+                self._gave_up.pop(entry.sha256, None)
         self.stats.add(s3_requests=1, s3_bytes=len(result.data))
         if result.total_size is not None and result.total_size != entry.bytes:
             self._integrity_failure(entry, f"S3 has {result.total_size} bytes, the manifest says {entry.bytes} "

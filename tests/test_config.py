@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,18 +99,20 @@ def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPa
 
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
+    def retries(store: S3Store) -> Any:
+        return store.client.meta.config.retries  # type: ignore[attr-defined]  # set at run time, not in the stubs
+
     config = Config(bucket="b", endpoint_url="http://127.0.0.1:9")
-    meta = S3Store(config).client.meta
-    assert meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+    assert retries(S3Store(config)) == {"mode": "standard", "total_max_attempts": 6}
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert S3Store(config).client.meta.region_name == "eu-west-1"
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
-    meta = S3Store(config).client.meta
-    assert meta.region_name == "eu-west-3"
-    assert meta.config.retries == {"mode": "adaptive", "total_max_attempts": 2}
-    assert S3Store(config, max_attempts=0).client.meta.config.retries["total_max_attempts"] == 1
+    store = S3Store(config)
+    assert store.client.meta.region_name == "eu-west-3"
+    assert retries(store) == {"mode": "adaptive", "total_max_attempts": 2}
+    assert retries(S3Store(config, max_attempts=0))["total_max_attempts"] == 1
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     with pytest.raises(ConfigError, match=r"AWS_PROFILE: .*no-such-profile"):
         S3Store(config)
