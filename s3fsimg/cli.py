@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from s3fsimg.config import ADDRESSING_STYLES, LOG_LEVELS, Config
-from s3fsimg.errors import S3fsimgError
+from s3fsimg.errors import S3fsimgError, UsageError
 from s3fsimg.log import setup_logging
 from s3fsimg.units import format_size
 
@@ -50,8 +50,9 @@ S3_OPTIONS = _options(
     click.option("--manifest-key", default=None, help="manifest key under the prefix  [DATASET_MANIFEST_KEY]"),
     LOG_OPTIONS,
 )
+CACHE_DIR_OPTION = click.option("--cache-dir", default=None, help="local cache directory  [DATASET_CACHE_DIR]")
 CACHE_OPTIONS = _options(
-    click.option("--cache-dir", default=None, help="local cache directory  [DATASET_CACHE_DIR]"),
+    CACHE_DIR_OPTION,
     click.option("--cache-max-bytes", default=None, help="cache bound, e.g. 500M, 10G  [DATASET_CACHE_MAX_BYTES]"),
     click.option("--read-deadline", default=None, help="how long a read may retry S3 (30s)  [DATASET_READ_DEADLINE]"),
 )
@@ -83,6 +84,12 @@ def _run(fn: F) -> F:
             sys.exit(130)
         except BrokenPipeError:
             sys.exit(1)
+        except OSError as exc:  # a path the user named (--out, --log-file...): what and where, one line
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                log.debug("error detail", exc_info=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"s3fsimg: error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -99,7 +106,7 @@ def main() -> None:
 @main.command("manifest")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="where to write (default manifests/inventory-v1.jsonl)")
+              help="where to write (default: the manifest key, manifests/inventory-v1.jsonl)")
 @MAP_OPTIONS
 @LOG_OPTIONS
 @_run
@@ -111,6 +118,8 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
 
     config = _config(flags)
     out = out or Path(config.manifest_key)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory (--out names the manifest file to write)")
     lmap, total = prepare(directory, config.logical_map)
     skipped: list[tuple[str, str]] = []
     with progress_bar(total=total, unit="file", desc="hash") as bar:
@@ -134,6 +143,7 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
 @click.option("--workers", type=click.IntRange(1, 256), default=16, show_default=True, help="parallel uploads")
 @MAP_OPTIONS
 @S3_OPTIONS
+@CACHE_DIR_OPTION
 @_run
 def upload_cmd(directory: Path, workers: int, **flags: Any) -> None:
     """Upload every image under DIRECTORY not yet in the bucket, then the manifest, last."""
@@ -248,7 +258,8 @@ def cache_clear_cmd(**flags: Any) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="stay attached (default: return once mounted)")
 @click.option("--allow-other", is_flag=True, help="let other users in (see README: security)")
-@click.option("--log-file", type=click.Path(path_type=Path), default=None, help="log here instead of stderr")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="log here (default: stderr with --foreground, else CACHE_DIR/mount.log)")
 @S3_OPTIONS
 @CACHE_OPTIONS
 @_run

@@ -151,6 +151,7 @@ def _head_manifest(store: S3Store, relative: str, where: str) -> dict[str, Any]:
     except S3fsimgError as err:
         raise ManifestError(f"{where}: cannot read the manifest: {err}") from None
     if info is None:
+        store.check_bucket()  # a HEAD answers 404 for a missing bucket too: say which is missing
         raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)")
     modified = info.get("last_modified")
     mtime_ns = int(modified.timestamp() * 1e9) if modified is not None else 0
