@@ -4,6 +4,12 @@ Owns the walk of DIR (stable order; symlinks followed only while they stay insid
 recognition by content (Pillow reads the header only), SHA-256 hashing in parallel threads
 (hashlib releases the GIL), and the logical map (CSV `filename,logical_id`).
 
+What the walk cannot put in a manifest it skips with a reason, and the run goes on: a name that is
+not valid UTF-8 (JSON cannot hold it; a directory so named is skipped whole), a symlink that leads
+outside DIR, is broken or loops, a FIFO, socket or device, an unreadable file or directory. Only
+regular files are ever opened, and with O_NONBLOCK, so a FIFO swapped in after the walk cannot hang
+the scan. A skipped file is reported under a printable name (`shown`).
+
 `scan(...)` yields one `FileResult` per file in a stable order with bounded look-ahead, so memory
 does not grow with the number of files. The uploader passes an `on_file` hook that receives the very
 bytes that were hashed, so what it uploads is exactly what the key names. A `HashCache` lets a
@@ -13,6 +19,7 @@ re-run skip reading files that have not changed since they were hashed.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from s3fsimg.errors import UsageError
+from s3fsimg.errors import ConfigError, UsageError
 from s3fsimg.manifest import Entry, logical_id_problem, object_path, source_path_problem
 
 T = TypeVar("T")
@@ -58,7 +65,8 @@ class LogicalMap:
         try:
             f = open(path, newline="", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
-            raise UsageError(f"{path}: cannot read the logical map: {exc.strerror}") from None
+            # DATASET_LOGICAL_MAP / --logical-map names it: a configuration error (exit 2), before any work
+            raise ConfigError(f"{path}: cannot read the logical map: {exc.strerror}") from None
         with f:
             try:
                 rows = list(enumerate(csv.reader(f), 1))
@@ -111,16 +119,65 @@ class LogicalMap:
                 seen[base] = rel
 
 
+def shown(name: str) -> str:
+    """`name` as printable text on one line, for messages: bytes that are not UTF-8 as `\\xNN`,
+    control and other unprintable characters backslash-escaped (`\\n`). Printable names are unchanged."""
+    if name.isprintable():
+        return name
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from os.listdir was valid UTF-8 (undecodable bytes come back as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
+
+
+def not_regular(mode: int) -> str:
+    """The skip reason of a file that is not a regular file: `not a regular file (FIFO)`."""
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+class NotRegularFile(OSError):
+    """What was opened turned out not to be a regular file (replaced since the walk saw it)."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(errno.EINVAL, not_regular(mode))
+
+
+def read_regular(path: Path) -> tuple[os.stat_result, bytes]:
+    """The status and bytes of the regular file at `path`, as read through one descriptor.
+
+    Opened with O_NONBLOCK (no effect on a regular file) so that a FIFO or device put in the file's
+    place since it was listed is refused at once (NotRegularFile) instead of blocking the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(st.st_mode)
+        return st, f.read()
+
+
 def walk(root: Path, skipped: list[Skipped] | None = None) -> Iterator[tuple[str, Path]]:
     """(relative POSIX path, absolute path) of every regular file under root, in a stable order.
 
-    Symlinks are followed only when their target stays inside root; directory loops are cut."""
+    Symlinks are followed only when their target stays inside root; directory loops are cut. What is
+    not yielded is noted in `skipped` (under its `shown` name) with the reason."""
     root = root.resolve()
     seen_dirs: set[tuple[int, int]] = set()
 
     def note(rel: str, reason: str) -> None:
         if skipped is not None:
-            skipped.append(Skipped(rel, reason))
+            skipped.append(Skipped(shown(rel), reason))
 
     def inside(p: Path) -> bool:
         try:
@@ -147,22 +204,42 @@ def walk(root: Path, skipped: list[Skipped] | None = None) -> Iterator[tuple[str
             try:
                 lst = path.lstat()
                 if stat.S_ISLNK(lst.st_mode):
+                    try:
+                        lst = path.stat()
+                    except OSError as exc:
+                        if exc.errno == errno.ELOOP:
+                            note(rel, "symlink loop")
+                        elif exc.errno == errno.ENOENT:
+                            note(rel, "broken symlink")
+                        else:
+                            note(rel, f"unreadable: {exc.strerror}")
+                        continue
                     if not inside(path):
                         note(rel, "symlink leads outside DIR")
                         continue
-                    lst = path.stat()
             except OSError as exc:
                 note(rel, f"unreadable: {exc.strerror}")
                 continue
-            if stat.S_ISDIR(lst.st_mode):
+            if not is_utf8(name):  # a manifest is JSON text: it cannot name this file
+                if stat.S_ISDIR(lst.st_mode):
+                    note(rel, "directory name is not valid UTF-8 (nothing under it is scanned)")
+                else:
+                    note(rel, "name is not valid UTF-8")
+            elif stat.S_ISDIR(lst.st_mode):
                 yield from visit(path, rel)
             elif stat.S_ISREG(lst.st_mode):
                 yield rel, path
             else:
-                note(rel, "not a regular file")
+                note(rel, not_regular(lst.st_mode))
         seen_dirs.discard(key)
 
     yield from visit(root, "")
+
+
+#: Pillow formats whose files are files of another content type. An MPO (multi-picture JPEG, what
+#: phones and cameras write) is a JPEG file: any JPEG decoder reads its first picture, and browsers
+#: and S3 clients know image/jpeg, not Pillow's image/mpo.
+_SAME_BYTES_AS = {"MPO": "image/jpeg"}
 
 
 def identify(data: bytes) -> tuple[str, int | None, int | None] | None:
@@ -173,7 +250,7 @@ def identify(data: bytes) -> tuple[str, int | None, int | None] | None:
     Image.MAX_IMAGE_PIXELS = None  # we read headers only; huge scans are legitimate datasets
     try:
         with Image.open(io.BytesIO(data)) as im:
-            mime = Image.MIME.get(im.format or "")
+            mime = _SAME_BYTES_AS.get(im.format or "") or Image.MIME.get(im.format or "")
             if not mime or not mime.startswith("image/"):
                 return None
             width, height = im.size
@@ -186,9 +263,9 @@ def identify(data: bytes) -> tuple[str, int | None, int | None] | None:
 
 @dataclass(frozen=True)
 class FileResult:
-    rel: str
+    rel: str  # the entry's source_path; of a skipped file, its `shown` name
     entry: Entry | None
-    skipped: str | None
+    skipped: str | None  # why it is not in the manifest
 
 
 class HashCache:
@@ -198,7 +275,13 @@ class HashCache:
     On disk: one SQLite file (a table `files`, schema below). The ctime cannot be set by a user, so
     any write to a file makes its row stale. Used to decide what a manifest line says; the uploader
     still reads and hashes every byte it PUTs.
+
+    The file's `user_version` is `VERSION`: a file of any other version (an older scanner's, whose
+    rows may say what this one would not, such as image/mpo) is emptied when opened.
     """
+
+    #: Bumped whenever a row's meaning changes. 0: no version (rows may say image/mpo); 1: MPO is image/jpeg.
+    VERSION = 1
 
     _SCHEMA = """
     CREATE TABLE IF NOT EXISTS files(
@@ -221,7 +304,17 @@ class HashCache:
             os.umask(old)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(self._SCHEMA)
+        self._db.execute("BEGIN IMMEDIATE")  # two runs opening one old file: one of them upgrades it
+        try:
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version != self.VERSION:
+                self._db.execute("DROP TABLE IF EXISTS files")
+                self._db.execute(f"PRAGMA user_version={int(self.VERSION)}")
+            self._db.execute(self._SCHEMA)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         self._lock = threading.Lock()
         self._pending: list[tuple[object, ...]] = []
 
@@ -278,24 +371,28 @@ def _process(rel: str, path: Path, logical_map: LogicalMap, on_file: OnFile | No
              hash_cache: HashCache | None) -> FileResult:
     try:
         st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # replaced since the walk: never open a FIFO or a device
+            return FileResult(shown(rel), None, not_regular(st.st_mode))
         cached = hash_cache.get(rel, st) if hash_cache is not None else None
         data: bytes | None = None
         if cached is not None:
             sha, content_type, width, height = cached
             if sha is None or content_type is None:
-                return FileResult(rel, None, "not an image")
+                return FileResult(shown(rel), None, "not an image")
             entry: Entry | None = Entry(sha256=sha, path=object_path(sha, content_type), bytes=st.st_size,
                                         content_type=content_type, width=width, height=height,
                                         logical_id=logical_map.lookup(rel), source_path=rel)
         else:
-            data = path.read_bytes()
+            st, data = read_regular(path)
             entry = entry_from_bytes(rel, data, logical_map)
             if hash_cache is not None and len(data) == st.st_size:
                 hash_cache.put(rel, st, entry)
+    except NotRegularFile as exc:
+        return FileResult(shown(rel), None, exc.strerror)
     except OSError as exc:
-        return FileResult(rel, None, f"unreadable: {exc.strerror}")
+        return FileResult(shown(rel), None, f"unreadable: {exc.strerror}")
     if entry is None:
-        return FileResult(rel, None, "not an image")
+        return FileResult(shown(rel), None, "not an image")
     if on_file is not None:
         entry = on_file(entry, data, path)
     return FileResult(rel, entry, None)
@@ -337,20 +434,21 @@ def scan(root: Path, *, logical_map: LogicalMap | None = None, workers: int | No
 
 def prepare(root: Path, map_path: Path | None) -> tuple[LogicalMap, int]:
     """Before any hashing or upload: the logical map, checked against DIR's names (a bad or ambiguous
-    line is a UsageError naming it), and the number of files under DIR (for the progress bar) — in
-    one walk of DIR."""
+    line is a UsageError naming it), and the number of results `scan` will yield (files and walk
+    skips, for the progress bar) — in one walk of DIR."""
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
     lmap = LogicalMap.load(map_path) if map_path else LogicalMap.empty()
     count = 0
+    skipped: list[Skipped] = []
 
     def counted() -> Iterator[str]:
         nonlocal count
-        for rel, _ in walk(root):
+        for rel, _ in walk(root, skipped):
             count += 1
             yield rel
 
     lmap.check_against(counted())
-    return lmap, count
+    return lmap, count + len(skipped)
 
 

@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -32,7 +33,7 @@ from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, write_manifest
 from s3fsimg.progress import progress_bar
 from s3fsimg.s3 import S3Store
-from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, scan
+from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, read_regular, scan
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,11 @@ class _Uploads:
                 self.report.present += 1
             return entry, etag
         if data is None:  # known only from the hash cache: read and hash the bytes we are about to PUT
-            data = path.read_bytes()
+            try:
+                _st, data = read_regular(path)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot read it to upload it ({exc.strerror}); run the upload again") \
+                    from None
             fresh = entry_from_bytes(entry.source_path or path.name, data, self.logical_map)
             if fresh is None or fresh.sha256 != entry.sha256:
                 raise UsageError(f"{path}: changed while being uploaded; run the upload again")
@@ -113,7 +118,7 @@ class _Uploads:
 
 def hash_cache_path(config: Config, directory: Path) -> Path:
     """Where the hash cache of DIR lives: in the cache directory, one file per directory path."""
-    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(os.fsencode(directory.resolve())).hexdigest()[:32]  # any bytes, UTF-8 or not
     return config.cache_dir / "hashes" / f"{digest}.sqlite"
 
 

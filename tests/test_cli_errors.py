@@ -60,3 +60,11 @@ def test_log_file_that_cannot_be_written(tmp_path: Path) -> None:
 def test_a_missing_bucket_is_named_as_such(s3_env: dict[str, str], tmp_path: Path) -> None:
     proc = s3fsimg("fetch", "0" * 64, env={**s3_env, "S3_BUCKET": "no-such-bucket-here"}, cwd=tmp_path)
     one_line_error(proc, 1, "s3://no-such-bucket-here", "does not exist")
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_logical_map_is_a_configuration_error(image_dir: Path, tmp_path: Path) -> None:
+    proc = s3fsimg("manifest", str(image_dir), "--out", str(tmp_path / "m.jsonl"),
+                   env={"DATASET_LOGICAL_MAP": str(tmp_path / "nope.csv")}, cwd=tmp_path)
+    one_line_error(proc, 2, "nope.csv", "cannot read the logical map")
+    assert not (tmp_path / "m.jsonl").exists()

@@ -1,12 +1,20 @@
 """The manifest: the fast parser agrees with the JSON Schema, and `validate` reports every error
-with its line number and field (exit 1)."""
+with its line number and field (exit 1). Scanning for `manifest DIR`: MPO is image/jpeg, a hash cache
+of an older version is not used, and odd names and special files work or are skipped with a reason."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import shutil
+import socket
+import sqlite3
+import stat
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from PIL import Image
 
-from s3fsimg.manifest import EntryProblem, Validator, object_path, parse_entry, schema
+from s3fsimg.manifest import Entry, EntryProblem, Validator, object_path, parse_entry, parse_line, schema
+from s3fsimg.scan import HashCache, LogicalMap, NotRegularFile, _process, identify, read_regular, scan
 
 SHA = hashlib.sha256(b"x").hexdigest()
 SHA2 = hashlib.sha256(b"y").hexdigest()
@@ -152,3 +162,223 @@ def test_validator_memory_is_bounded_by_sqlite_not_python() -> None:
                                "content_type": "image/png", "source_path": f"d{i % 50}/f{i}.png"})
             assert list(v.check_line(i + 1, line)) == []
         assert v.entries == 5000
+
+
+# -- scanning: what `manifest DIR` names, and what it skips with a reason ------------------------------
+
+
+def png_bytes(colour: str | tuple[int, int, int] = "red", size: tuple[int, int] = (12, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_mpo(path: Path, size: tuple[int, int] = (24, 16)) -> bytes:
+    """A two-picture JPEG, as phones and cameras write; Pillow opens it as format MPO."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first, second = Image.new("RGB", size, "orange"), Image.new("RGB", size, "navy")
+    first.save(path, format="MPO", save_all=True, append_images=[second])
+    with Image.open(path) as im:
+        assert im.format == "MPO" and im.n_frames == 2  # really an MPO, not a plain JPEG
+    return path.read_bytes()
+
+
+def run_manifest(root: Path | str, out: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
+    """`s3fsimg manifest ROOT --out OUT`, run as `prefix...` when given (setpriv)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "s3fsimg", "manifest", os.fspath(root), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=out.parent)
+
+
+def manifest_entries(out: Path) -> list[Entry]:
+    return [parse_line(line) for line in out.read_bytes().splitlines()]
+
+
+def skip_lines(proc: subprocess.CompletedProcess[str]) -> set[str]:
+    return {line for line in proc.stderr.splitlines() if line.startswith("skipped ")}
+
+
+def test_mpo_is_recorded_as_jpeg(tmp_path: Path) -> None:
+    data = write_mpo(tmp_path / "d" / "phone.jpg")
+    sha = hashlib.sha256(data).hexdigest()
+    assert identify(data) == ("image/jpeg", 24, 16)
+    out = tmp_path / "m.jsonl"
+    proc = run_manifest(tmp_path / "d", out)
+    assert proc.returncode == 0, proc.stderr
+    [entry] = manifest_entries(out)
+    assert (entry.content_type, entry.path, entry.width, entry.height) == (
+        "image/jpeg", f"images/{sha[:2]}/{sha[2:4]}/{sha}.jpg", 24, 16)
+    assert run_validate(tmp_path, [out.read_text().rstrip("\n")]).returncode == 0
+
+
+#: The hash cache file as s3fsimg wrote it before it had a version (user_version 0), when MPO was image/mpo.
+_OLD_HASH_CACHE = """
+CREATE TABLE files(rel TEXT PRIMARY KEY, stat TEXT NOT NULL, sha256 TEXT, content_type TEXT, width INTEGER,
+                   height INTEGER) WITHOUT ROWID;
+"""
+
+
+def write_old_hash_cache(db_path: Path, root: Path, rel: str) -> None:
+    """What a run before the MPO fix left in the hash cache for the MPO file at root/rel."""
+    path = root / rel
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(db_path)
+    with db:
+        db.executescript(_OLD_HASH_CACHE)
+        db.execute("INSERT INTO files VALUES (?,?,?,?,?,?)",
+                   (rel, HashCache.stamp(path.stat()), sha, "image/mpo", 24, 16))
+    db.close()
+
+
+def test_hash_cache_of_an_older_version_is_not_used(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    write_mpo(root / "phone.jpg")
+    db_path = tmp_path / "hashes" / "x.sqlite"
+    write_old_hash_cache(db_path, root, "phone.jpg")
+
+    cache = HashCache(db_path)
+    try:
+        assert cache.get("phone.jpg", (root / "phone.jpg").stat()) is None
+        [result] = scan(root, hash_cache=cache)
+    finally:
+        cache.close()
+    assert result.entry is not None and result.entry.content_type == "image/jpeg"
+    assert result.entry.path.endswith(".jpg")
+
+    cache = HashCache(db_path)  # what this run learnt is kept, under the current version
+    try:
+        hit = cache.get("phone.jpg", (root / "phone.jpg").stat())
+        assert hit is not None and hit[1] == "image/jpeg"
+    finally:
+        cache.close()
+    db = sqlite3.connect(db_path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == HashCache.VERSION
+    finally:
+        db.close()
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png_bytes("red"))
+    broot = os.fsencode(root)
+    fd = os.open(broot + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY, 0o644)  # Latin-1 "café.jpg"
+    os.write(fd, png_bytes("green"))
+    os.close(fd)
+    os.mkdir(broot + b"/dir\xff")
+    fd = os.open(broot + b"/dir\xff/inside.png", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, png_bytes("blue"))
+    os.close(fd)
+
+    out = tmp_path / "m.jsonl"
+    proc = run_manifest(root, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert skip_lines(proc) == {
+        "skipped caf\\xe9.jpg: name is not valid UTF-8",
+        "skipped dir\\xff: directory name is not valid UTF-8 (nothing under it is scanned)",
+    }
+    assert [e.source_path for e in manifest_entries(out)] == ["ok.png"]
+    assert "1 entries, 2 files skipped" in proc.stdout
+
+
+ODD_NAMES = [
+    "new\nline.png", "back\\slash.png", "-dash.png", "--help.png", " lead and trail .png", "tab\there.png",
+    unicodedata.normalize("NFC", "é.png"), unicodedata.normalize("NFD", "é.png"), "日本 語.png", "'quote\".png",
+    "-dir with space/x.png", "%s%n{}.png",
+]
+
+
+def test_odd_names_work(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    for i, name in enumerate(ODD_NAMES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(png_bytes((i * 20, 0, 0), (i + 1, 3)))
+    (root / "notes\n.txt").write_text("not an image")
+    out = tmp_path / "m.jsonl"
+    proc = run_manifest(root, out)
+    assert proc.returncode == 0, proc.stderr
+    entries = manifest_entries(out)
+    assert sorted(e.source_path or "" for e in entries) == sorted(ODD_NAMES)
+    assert {e.source_path: e.width for e in entries} == {name: i + 1 for i, name in enumerate(ODD_NAMES)}
+    assert skip_lines(proc) == {"skipped notes\\n.txt: not an image"}  # one line, the newline escaped
+    assert run_validate(tmp_path, out.read_text(encoding="utf-8").splitlines()).returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_fifos_sockets_devices_and_symlink_loops_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(png_bytes())
+    os.mkfifo(root / "fifo")
+    (root / "to-fifo").symlink_to("fifo")
+    monkeypatch.chdir(root)  # a short relative name: AF_UNIX paths are limited to 108 bytes
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind("sock")
+    sock.close()
+    (root / "loop-a").symlink_to("loop-b")
+    (root / "loop-b").symlink_to("loop-a")
+    (root / "sub" / "self").symlink_to("self")
+    (root / "gone").symlink_to("nowhere")
+    (root / "sub" / "up").symlink_to("..")  # a directory loop back to DIR
+    expected = {
+        "skipped fifo: not a regular file (FIFO)",
+        "skipped to-fifo: not a regular file (FIFO)",
+        "skipped sock: not a regular file (socket)",
+        "skipped loop-a: symlink loop",
+        "skipped loop-b: symlink loop",
+        "skipped sub/self: symlink loop",
+        "skipped gone: broken symlink",
+        "skipped sub/up: directory loop",
+    }
+    try:
+        os.mknod(root / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+        expected.add("skipped null: not a regular file (character device)")
+    except PermissionError:
+        pass  # no CAP_MKNOD here: FIFOs and sockets still cover "never open what is not a file"
+    out = tmp_path / "m.jsonl"
+    proc = run_manifest(root, out)
+    assert proc.returncode == 0, proc.stderr
+    assert skip_lines(proc) == expected
+    assert [e.source_path for e in manifest_entries(out)] == ["ok.png"]
+
+
+def _without_dac() -> list[str]:
+    """A command prefix under which file permissions apply (root reads anything: drop its DAC override)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_files_and_directories_are_skipped(tmp_path: Path) -> None:
+    prefix = _without_dac()
+    root = tmp_path / "d"
+    (root / "locked").mkdir(parents=True)
+    (root / "ok.png").write_bytes(png_bytes())
+    (root / "secret.png").write_bytes(png_bytes("blue"))
+    (root / "locked" / "x.png").write_bytes(png_bytes("green"))
+    (root / "secret.png").chmod(0)
+    (root / "locked").chmod(0)
+    try:
+        out = tmp_path / "m.jsonl"
+        proc = run_manifest(root, out, *prefix)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert skip_lines(proc) == {"skipped secret.png: unreadable: Permission denied",
+                                "skipped locked: unreadable directory: Permission denied"}
+    assert [e.source_path for e in manifest_entries(out)] == ["ok.png"]
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_put_in_place_of_a_listed_file_is_never_opened_for_reading(tmp_path: Path) -> None:
+    """The walk saw a regular file; by the time it is read, it is a FIFO no one writes to."""
+    fifo = tmp_path / "was-a-file.png"
+    os.mkfifo(fifo)
+    result = _process("was-a-file.png", fifo, LogicalMap.empty(), None, None)
+    assert (result.entry, result.skipped) == (None, "not a regular file (FIFO)")
+    with pytest.raises(NotRegularFile):  # the last guard, after the stat: the descriptor read is refused
+        read_regular(fifo)

@@ -1,9 +1,11 @@
 """The write side end to end: upload a generated dataset to the local S3 server through the counting
 proxy, validate it, re-upload (no PUT), survive SIGKILL, refuse a bad map, and fail clearly (no
-traceback, no secret) on wrong credentials, an unreachable endpoint and a missing bucket."""
+traceback, no secret) on wrong credentials, an unreachable endpoint and a missing bucket. An MPO goes up
+as image/jpeg; what a manifest cannot name (non-UTF-8 names, FIFOs, symlink loops) is skipped, not fatal."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,11 +18,14 @@ from typing import Any
 
 import pytest
 
+from s3fsimg.config import Config
 from s3fsimg.manifest import parse_line
+from s3fsimg.uploader import hash_cache_path
 from tests.lab.images import SampleSet, make_dataset
 from tests.lab.moto import free_port
 from tests.lab.procs import stop_process
 from tests.lab.proxy import LabProxy
+from tests.test_manifest import png_bytes, write_mpo, write_old_hash_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,3 +294,77 @@ def test_check_objects_reports_a_missing_object_once(sample_dir: SampleSet, s3_e
     assert proc.returncode == 1
     missing = [line for line in proc.stderr.splitlines() if key in line and "does not exist" in line]
     assert len(missing) == 1, proc.stderr  # two names of one object: one HEAD, one error
+
+
+# -- what phones write, odd names, special files ----------------------------------------------------------
+
+
+def test_upload_of_an_mpo_puts_a_jpg_of_type_image_jpeg(tmp_path: Path, s3_env: dict[str, str], moto_client: Any,
+                                                        bucket: str) -> None:
+    data = write_mpo(tmp_path / "d" / "phone.jpg")
+    sha = hashlib.sha256(data).hexdigest()
+    proc = cli(s3_env, "upload", str(tmp_path / "d"))
+    assert proc.returncode == 0, proc.stderr
+    key = f"images/{sha[:2]}/{sha[2:4]}/{sha}.jpg"
+    assert set(bucket_objects(moto_client, bucket)) == {key, "manifests/inventory-v1.jsonl"}
+    assert moto_client.head_object(Bucket=bucket, Key=key)["ContentType"] == "image/jpeg"
+    manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+    [entry] = [parse_line(line) for line in manifest.splitlines()]
+    assert (entry.path, entry.content_type) == (key, "image/jpeg")
+    assert cli(s3_env, "validate", "--check-objects").returncode == 0
+
+
+def test_reupload_does_not_trust_a_hash_cache_of_an_older_version(tmp_path: Path, s3_env: dict[str, str],
+                                                                   moto_client: Any, bucket: str) -> None:
+    """A run before the MPO fix cached image/mpo for this unchanged file: the new run must not reuse it."""
+    root = tmp_path / "d"
+    data = write_mpo(root / "phone.jpg")
+    sha = hashlib.sha256(data).hexdigest()
+    write_old_hash_cache(hash_cache_path(Config.load(env=s3_env), root), root, "phone.jpg")
+    proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert set(bucket_objects(moto_client, bucket)) == {f"images/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
+                                                        "manifests/inventory-v1.jsonl"}
+    manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+    assert [parse_line(line).content_type for line in manifest.splitlines()] == ["image/jpeg"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dir_name", [b"upload", b"up\xfeload"], ids=["utf8-dir", "latin1-dir"])
+def test_upload_skips_what_a_manifest_cannot_name_and_completes(tmp_path: Path, s3_env: dict[str, str],
+                                                                 proxy: LabProxy, moto_client: Any, bucket: str,
+                                                                 dir_name: bytes) -> None:
+    """Names that are not UTF-8 (in a DIR whose own name may not be UTF-8 either), a FIFO and a symlink loop
+    are skipped with a reason; nothing of theirs is PUT, and the run ends with the manifest, exit 0."""
+    broot = os.fsencode(tmp_path) + b"/" + dir_name
+    os.mkdir(broot)
+    os.mkdir(broot + b"/dir\xff")
+    files = {b"ok.png": png_bytes("red"), b"caf\xe9.png": png_bytes("green"), b"dir\xff/x.png": png_bytes("blue")}
+    for name, content in files.items():
+        fd = os.open(broot + b"/" + name, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, content)
+        os.close(fd)
+    os.mkfifo(broot + b"/fifo.png")
+    os.symlink(b"loop", broot + b"/loop")
+    root = os.fsdecode(broot)
+
+    proxy.reset()
+    proc = cli(s3_env, "upload", root, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {line for line in proc.stderr.splitlines() if line.startswith("skipped ")} == {
+        "skipped caf\\xe9.png: name is not valid UTF-8",
+        "skipped dir\\xff: directory name is not valid UTF-8 (nothing under it is scanned)",
+        "skipped fifo.png: not a regular file (FIFO)",
+        "skipped loop: symlink loop",
+    }
+    sha = hashlib.sha256(files[b"ok.png"]).hexdigest()
+    key = f"images/{sha[:2]}/{sha[2:4]}/{sha}.png"
+    assert set(bucket_objects(moto_client, bucket)) == {key, "manifests/inventory-v1.jsonl"}
+    assert proxy.get_count("PUT", "images/") == 1
+    manifest = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")["Body"].read()
+    assert [parse_line(line).source_path for line in manifest.splitlines()] == ["ok.png"]
+
+    again = cli(s3_env, "upload", root, timeout=90)  # the hash cache of a DIR so named works too
+    assert again.returncode == 0, again.stderr
+    assert "uploaded 0 objects" in again.stdout
