@@ -22,6 +22,7 @@ import csv
 import errno
 import hashlib
 import io
+import logging
 import os
 import sqlite3
 import stat
@@ -35,6 +36,8 @@ from typing import TypeVar
 
 from s3fsimg.errors import ConfigError, UsageError
 from s3fsimg.manifest import Entry, logical_id_problem, object_path, source_path_problem
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -295,6 +298,17 @@ class HashCache:
     """
 
     def __init__(self, path: Path) -> None:
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as exc:  # not a database (a torn or foreign file): it is only a cache
+            log.warning("hash cache %s is unusable (%s); starting a new one", path, exc)
+            for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                stale.unlink(missing_ok=True)
+            self._open(path)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[object, ...]] = []
+
+    def _open(self, path: Path) -> None:
         old = os.umask(0o077)  # the cache directory and everything in it are private (0700/0600)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,9 +328,8 @@ class HashCache:
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._db.close()
             raise
-        self._lock = threading.Lock()
-        self._pending: list[tuple[object, ...]] = []
 
     @staticmethod
     def stamp(st: os.stat_result) -> str:

@@ -329,6 +329,22 @@ def test_reupload_does_not_trust_a_hash_cache_of_an_older_version(tmp_path: Path
     assert [parse_line(line).content_type for line in manifest.splitlines()] == ["image/jpeg"]
 
 
+def test_an_unusable_hash_cache_is_started_again(tmp_path: Path, s3_env: dict[str, str], moto_client: Any,
+                                                 bucket: str) -> None:
+    """The hash cache is only a cache: a torn or foreign file there costs a re-hash, not the upload."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes("red"))
+    cache_file = hash_cache_path(Config.load(env=s3_env), root)
+    cache_file.parent.mkdir(parents=True)
+    cache_file.write_bytes(b"not a database" * 100)
+    proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert "hash cache" in proc.stderr and "unusable" in proc.stderr
+    assert len(bucket_objects(moto_client, bucket)) == 2  # the image and the manifest
+    assert cli(s3_env, "upload", str(root)).stderr == ""  # the new cache works
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dir_name", [b"upload", b"up\xfeload"], ids=["utf8-dir", "latin1-dir"])
 def test_upload_skips_what_a_manifest_cannot_name_and_completes(tmp_path: Path, s3_env: dict[str, str],
