@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
@@ -39,6 +41,9 @@ VARIABLES: dict[str, tuple[str, str | None]] = {
     "DATASET_BLOCK_SIZE": ("block_size", "256K"),
     "DATASET_WHOLE_OBJECT_MAX": ("whole_object_max", "1M"),
 }
+
+#: What botocore accepts as a bucket name (S3-compatible stores differ on the finer rules; an ARN too)
+_BUCKET_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -72,7 +77,11 @@ class Config:
             env_path = dotenv if dotenv is not None else Path.cwd() / ".env"
             if env_path.is_file():
                 # Does not override the environment; also feeds boto3 (AWS_* in .env).
-                load_dotenv(env_path, override=False)
+                try:
+                    load_dotenv(env_path, override=False, encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                    raise ConfigError(f"{env_path}: cannot read it ({reason})") from None
             env = os.environ
         # An empty value (`VAR=` in .env, `--flag ''`) means "not set": the default applies.
         raw: dict[str, Any] = {}
@@ -107,9 +116,12 @@ class Config:
         prefix = str(get("prefix") or "").strip("/")
         manifest_key = str(get("manifest_key") or DEFAULT_MANIFEST_KEY).lstrip("/")
         bucket = get("bucket") or None
+        if bucket is not None and not (_BUCKET_RE.match(bucket) or bucket.startswith("arn:")):
+            raise ConfigError(f"{src('bucket')}: {_shorten(bucket)!r} is not a bucket name (letters, digits, "
+                              "'.', '-' and '_', at most 255)")
         endpoint = get("endpoint_url") or None
-        if endpoint is not None and not str(endpoint).startswith(("http://", "https://")):
-            raise ConfigError(f"{src('endpoint_url')}: {endpoint!r} is not an http:// or https:// URL")
+        if endpoint is not None:
+            _check_endpoint(str(endpoint), src("endpoint_url"))
         block_size = parse_size(get("block_size"), src("block_size"))
         if block_size < 4096 or block_size & (block_size - 1):
             raise ConfigError(f"{src('block_size')}: must be a power of two of at least 4K")
@@ -155,3 +167,25 @@ def private_dirs(path: Path) -> Path:
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700)
     return path
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_endpoint(url: str, where: str) -> None:
+    """An http(s) URL with a host and a valid port, and no user name or password (S3 signs requests
+    with AWS credentials; a password in the URL would end up in messages). The URL is not echoed
+    when it has credentials in it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid URL ({exc})") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{where}: must not contain a user name or password (S3 credentials come from "
+                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: {_shorten(url)!r} is not an http:// or https:// URL")
+    if not parts.hostname or any(c.isspace() for c in url) or (port is not None and port == 0):
+        raise ConfigError(f"{where}: {_shorten(url)!r} is not a valid URL (no host, a space, or port 0)")

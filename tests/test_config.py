@@ -116,3 +116,26 @@ def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     with pytest.raises(ConfigError, match=r"AWS_PROFILE: .*no-such-profile"):
         S3Store(config)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://", "not a valid URL"), ("http://exa mple", "not a valid URL"), ("http://[::1", "not a valid URL"),
+    ("http://127.0.0.1:99999", "not a valid URL"), ("ftp://host", "not an http:// or https:// URL"),
+    ("http://user:s3cret@host:9000", "must not contain a user name or password"),
+])
+def test_bad_endpoint_urls_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.load({"endpoint_url": url}, env={"S3_BUCKET": "b"})
+    assert "s3cret" not in str(info.value)
+
+
+def test_bucket_names_botocore_would_refuse_are_configuration_errors() -> None:
+    with pytest.raises(ConfigError, match="not a bucket name"):
+        Config.load({"bucket": "Bad_Bucket!!"}, env={})
+    assert Config.load({"bucket": "my.bucket-1"}, env={}).bucket == "my.bucket-1"
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"\xff\xfeS3_BUCKET=b\n")
+    with pytest.raises(ConfigError, match=r"\.env: cannot read it \(not UTF-8 text\)"):
+        Config.load(dotenv=tmp_path / ".env")
