@@ -115,10 +115,11 @@ class Dataset:
         """The entry named by a sha256 or a logical_id; NotFound names the id."""
         index = self.index
         entry = index.by_sha256(ident) if SHA256_RE.match(ident) else None
-        if entry is None:
+        if entry is None and _is_text(ident):  # a logical_id is UTF-8: other bytes (argv) name nothing
             entry = index.by_logical_id(ident)
         if entry is None:
-            raise NotFound(f"{ident!r}: no image with this sha256 or logical_id in "
+            shown = ident if len(ident) <= 80 else ident[:80] + "…"
+            raise NotFound(f"{shown!r}: no image with this sha256 or logical_id in "
                            f"{self.config.where(self.config.manifest_key)}")
         return entry
 
@@ -155,6 +156,15 @@ class Dataset:
             raise UsageError(f"{self.config.where(self.config.manifest_key)}: the manifest has no entries")
         picks = random.Random(seed).sample(range(total), min(n, total))
         return [index.nth_entry(i) for i in picks]
+
+
+def _is_text(ident: str) -> bool:
+    """Whether `ident` is valid Unicode (a command-line argument that is not UTF-8 holds surrogates)."""
+    try:
+        ident.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _RawObjectFile(io.RawIOBase):

@@ -279,10 +279,13 @@ def test_logical_ids_and_entries(s3_env: dict[str, str], sample_dir: Any, proxy:
 def test_unknown_ids_raise_not_found_naming_the_id(lab_set: dict[str, Entry], proxy: Any) -> None:
     unknown_sha = "0" * 64
     with Dataset.from_env() as ds:
-        for ident in ("DAO-99999", unknown_sha, "no such thing/..", ""):
+        for ident in ("DAO-99999", unknown_sha, "no such thing/..", "", os.fsdecode(b"\xff\xfe")):
             with pytest.raises(NotFound) as info:
                 ds.fetch(ident)
             assert repr(ident) in str(info.value) or ident in str(info.value)
             with pytest.raises(NotFound):
                 ds.open(ident)
+        with pytest.raises(NotFound) as info:
+            ds.fetch("x" * 10_000)
+        assert len(str(info.value)) < 300  # a huge id is not echoed whole
     assert proxy.get_count("GET", unknown_sha) == 0
