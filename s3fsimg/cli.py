@@ -258,17 +258,20 @@ def cache_clear_cmd(**flags: Any) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="stay attached (default: return once mounted)")
 @click.option("--allow-other", is_flag=True, help="let other users in (see README: security)")
+@click.option("--allow-non-empty", is_flag=True, help="mount over a directory that has files in it (hides them)")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="log here (default: stderr with --foreground, else CACHE_DIR/mount.log)")
 @S3_OPTIONS
 @CACHE_OPTIONS
 @_run
-def mount_cmd(mountpoint: Path, foreground: bool, allow_other: bool, log_file: Path | None, **flags: Any) -> None:
+def mount_cmd(mountpoint: Path, foreground: bool, allow_other: bool, allow_non_empty: bool, log_file: Path | None,
+              **flags: Any) -> None:
     """Mount the dataset read-only at MOUNTPOINT."""
     from s3fsimg.mount import mount
 
     config = _config({**flags, "log_file": log_file})
-    mount(config, mountpoint, foreground=foreground, allow_other=allow_other, log_file=log_file)
+    mount(config, mountpoint, foreground=foreground, allow_other=allow_other, log_file=log_file,
+          allow_non_empty=allow_non_empty)
 
 
 @main.command("umount")

@@ -151,8 +151,10 @@ def mount_info(mountpoint: Path) -> tuple[str, str] | None:
     return (parts[0], parts[1] if len(parts) > 1 else "")
 
 
-def check_mountpoint(mountpoint: Path) -> Path:
-    """The absolute mountpoint, or MountError saying in one line why it cannot be mounted on."""
+def check_mountpoint(mountpoint: Path, *, allow_non_empty: bool = False) -> Path:
+    """The absolute mountpoint, or MountError saying in one line why it cannot be mounted on. Like
+    rclone mount and s3fs, a directory with files in it is refused unless `allow_non_empty` (the
+    mount would hide them; this also refuses a mountpoint inside one of our own mounts)."""
     mp = Path(os.path.abspath(mountpoint))
     try:
         st = mp.stat()
@@ -167,6 +169,15 @@ def check_mountpoint(mountpoint: Path) -> Path:
     info = mount_info(mp)
     if info is not None:
         raise MountError(f"{mp}: something is already mounted there ({info[0]}); unmount it first")
+    if not allow_non_empty:
+        try:
+            with os.scandir(mp) as entries:
+                occupied = next(entries, None) is not None
+        except OSError as exc:
+            raise MountError(f"{mp}: cannot use the mountpoint: {exc.strerror}") from None
+        if occupied:
+            raise MountError(f"{mp}: the mountpoint is not empty (the mount would hide what is there; "
+                             "pass --allow-non-empty to mount over it)")
     return mp
 
 
@@ -188,7 +199,7 @@ def check_fuse() -> None:
 # -- mount -------------------------------------------------------------------------------------
 
 def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bool, log_file: Path | None,
-          reader_factory: Callable[[Config], Any] | None = None) -> None:
+          reader_factory: Callable[[Config], Any] | None = None, allow_non_empty: bool = False) -> None:
     """Mount the bucket's dataset read-only at `mountpoint` (see the module docstring).
 
     Returns once the mount answers (daemonised), or when it is unmounted (`foreground`). Raises
@@ -197,7 +208,7 @@ def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bo
     from s3fsimg.log import setup_logging
 
     config.require_bucket()
-    mp = check_mountpoint(mountpoint)
+    mp = check_mountpoint(mountpoint, allow_non_empty=allow_non_empty)
     check_fuse()
     if foreground:
         setup_logging(config.log_level, log_file)

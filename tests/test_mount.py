@@ -361,6 +361,22 @@ def test_mount_failures_are_one_clear_line(dataset: Dataset, mnt_dir: Path, tmp_
     assert r.returncode == 1 and "no manifest" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not is_mounted(mnt_dir)
+    r = _cli("mount", str(mnt_dir), env={**env, "S3_BUCKET": "no-such-bucket"})
+    assert r.returncode == 1 and "s3://no-such-bucket: the bucket does not exist" in r.stderr, r.stderr
+    (mnt_dir / "mine.txt").write_text("hidden by a mount")
+    r = _cli("mount", str(mnt_dir), env=env)
+    assert r.returncode == 1 and "not empty" in r.stderr and "--allow-non-empty" in r.stderr, r.stderr
+    assert not is_mounted(mnt_dir)
+    try:
+        r = _cli("mount", str(mnt_dir), "--allow-non-empty", env=env)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(mnt_dir)) == ["by-id", "by-path", "images", "manifest.jsonl"]
+        nested = _cli("mount", str(mnt_dir / "images"), env=env)  # inside our own mount: not empty
+        assert nested.returncode == 1 and "not empty" in nested.stderr, nested.stderr
+    finally:
+        _cli("umount", str(mnt_dir), env=env)
+    assert (mnt_dir / "mine.txt").read_text() == "hidden by a mount"
+    (mnt_dir / "mine.txt").unlink()
 
 
 @pytest.mark.timeout(60)
