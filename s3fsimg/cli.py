@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +81,14 @@ def _run(fn: F) -> F:
             click.echo(f"s3fsimg: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
+            # Exit now: transfers still running in worker threads would otherwise be waited for (a
+            # large object over a slow link: a minute). Leaving them is what a kill does, and every
+            # write is crash-safe: cache files are renamed into place when complete (a dead
+            # process's temp files are removed by the next user), the manifest goes up last.
             click.echo("s3fsimg: interrupted", err=True)
-            sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except BrokenPipeError:
             sys.exit(1)
         except OSError as exc:  # a path the user named (--out, --log-file...): what and where, one line

@@ -135,11 +135,14 @@ class Dataset:
         entries = [self.resolve(i) for i in idents]
         reader = self.reader
         paths: list[Path] = []
-        with ThreadPoolExecutor(max_workers=threads) as pool, \
-                progress_bar(total=len(entries), unit="img", desc="fetch", enabled=None if progress else False) as bar:
-            for path in pool.map(reader.fetch_path, entries):
-                paths.append(path)
-                bar.update(1)
+        pool = ThreadPoolExecutor(max_workers=threads)
+        try:
+            with progress_bar(total=len(entries), unit="img", desc="fetch", enabled=None if progress else False) as bar:
+                for path in pool.map(reader.fetch_path, entries):
+                    paths.append(path)
+                    bar.update(1)
+        finally:  # a failure or Ctrl-C does not wait for the fetches not yet started
+            pool.shutdown(wait=False, cancel_futures=True)
         return paths
 
     def open(self, ident: str | Entry) -> IO[bytes]:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,34 @@ def test_a_missing_logical_map_is_a_configuration_error(image_dir: Path, tmp_pat
                    env={"DATASET_LOGICAL_MAP": str(tmp_path / "nope.csv")}, cwd=tmp_path)
     one_line_error(proc, 2, "nope.csv", "cannot read the logical map")
     assert not (tmp_path / "m.jsonl").exists()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_a_slow_fetch_exits_at_once(s3_env: dict[str, str], proxy: Any, large_set: Any,
+                                                   tmp_path: Path) -> None:
+    """Ctrl-C does not wait for a transfer in flight (the audit measured 23 s), and leaves nothing in the
+    cache that a later fetch would serve as valid."""
+    import hashlib
+    import signal
+    import time
+
+    assert s3fsimg("upload", str(large_set.root), env=s3_env, cwd=tmp_path).returncode == 0
+    big = max(large_set.root.rglob("*.png"), key=lambda p: p.stat().st_size)
+    sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    with proxy.fault("bandwidth_bps", 50_000, match=sha):  # ~40 s for the object
+        proc = subprocess.Popen([sys.executable, "-m", "s3fsimg", "fetch", sha], env={**os.environ, **s3_env},
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while proxy.get_count("GET", sha) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert took < 5, took
+    again = s3fsimg("fetch", sha, env=s3_env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert hashlib.sha256(Path(again.stdout.strip()).read_bytes()).hexdigest() == sha
