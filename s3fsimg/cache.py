@@ -131,20 +131,62 @@ class DiskCache:
             # /tmp or a shared volume): v1/ and the other top-level directories are private anyway.
             for sub in ("objects", "blocks", "tmp", "locks"):
                 private_dirs(self.base / sub)
-            # SQLite creates its files with the umask (0644) and gives -wal/-shm the mode of the database:
-            # create the database file 0600 ourselves first.
             ledger = self.base / "ledger.sqlite"
-            os.close(os.open(ledger, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(ledger, 0o600)
-            self._db = sqlite3.connect(ledger, timeout=30.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._init_ledger()
+            try:
+                self._open_ledger(ledger)
+            except sqlite3.OperationalError:  # locked, read-only, I/O error: not a reason to drop anything
+                raise
+            except sqlite3.DatabaseError as exc:  # not a database, or corrupt: start the cache again
+                self._reset(ledger, exc)
+                self._open_ledger(ledger)
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"{self.root}: cannot use the cache directory: {exc}") from None
         self._clean_tmp()
         self._check_boot()
+
+    def _open_ledger(self, ledger: Path) -> None:
+        # SQLite creates its files with the umask (0644) and gives -wal/-shm the mode of the database:
+        # create the database file 0600 ourselves first.
+        os.close(os.open(ledger, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(ledger, 0o600)
+        self._db = sqlite3.connect(ledger, timeout=30.0, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._init_ledger()
+            self._db.execute("SELECT bytes FROM totals").fetchone()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _reset(self, ledger: Path, why: Exception) -> None:
+        """A ledger that is not a database (a torn copy, a stray file) counts nothing, so the files it
+        counted would be outside the bound: they are dropped with it (it is a cache), under a lock so
+        that processes opening the cache at once reset it once."""
+        fd = os.open(self.base / "locks" / "ledger", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # another process may have reset it while we waited
+                self._open_ledger(ledger)
+                self._db.close()
+                return
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError:
+                pass
+            log.warning("cache: the ledger %s is unusable (%s); starting the cache again (its files are dropped)",
+                        ledger, why)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{ledger}{suffix}")
+            for sub in ("objects", "blocks"):
+                doomed = self.base / "tmp" / f"{self.pid}-reset-{secrets.token_hex(4)}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.base / sub, doomed)
+                private_dirs(self.base / sub)
+                shutil.rmtree(doomed, ignore_errors=True)
+        finally:
+            os.close(fd)
 
     def _init_ledger(self) -> None:
         """WAL mode and the schema. Switching to WAL needs an exclusive lock and may answer SQLITE_BUSY

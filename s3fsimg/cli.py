@@ -171,7 +171,7 @@ def upload_cmd(directory: Path, workers: int, **flags: Any) -> None:
 @main.command("validate")
 @click.argument("manifest", required=False, type=click.Path(path_type=Path))
 @click.option("--check-objects", is_flag=True, help="also HEAD every object and compare its size")
-@click.option("--max-errors", type=int, default=0, help="stop after this many errors (0: report all)")
+@click.option("--max-errors", type=click.IntRange(min=0), default=0, help="stop after this many errors (0: report all)")
 @S3_OPTIONS
 @_run
 def validate_cmd(manifest: Path | None, check_objects: bool, max_errors: int, **flags: Any) -> None:

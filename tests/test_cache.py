@@ -315,3 +315,23 @@ def test_an_existing_cache_root_keeps_its_mode(tmp_path: Path) -> None:
         pass
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+
+
+def test_an_unusable_ledger_starts_the_cache_again(tmp_path: Path) -> None:
+    """A ledger that is not a database counts nothing: the cache starts again (its files dropped, so the
+    bound holds) instead of every command, `cache clear` included, failing."""
+    root = tmp_path / "cache"
+    with DiskCache(root, 1 << 20) as cache:
+        data = b"x" * 1000
+        path = cache.put_object_bytes(data, hashlib.sha256(data).hexdigest(), "jpg")
+        assert path is not None and path.exists()
+    ledger = root / "v1" / "ledger.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    ledger.write_bytes(b"garbage, not SQLite " * 100)
+    with expect_logs(r"ledger .* is unusable", count=1), DiskCache(root, 1 << 20) as cache:
+        assert not path.exists()
+        assert cache.stats()["files"] == 0
+        assert cache.put_object_bytes(data, hashlib.sha256(data).hexdigest(), "jpg") == path
+    with DiskCache(root, 1 << 20) as cache:  # and it stays usable
+        assert cache.stats()["files"] == 1
