@@ -41,7 +41,10 @@ class _State:
         from s3fsimg.s3 import S3Store
 
         self.pid = os.getpid()
-        self.store = S3Store(config)  # manifest and index work (botocore's retries)
+        # The manifest's HEAD/GET. One retry: each try may wait half the read deadline (a server that
+        # takes connections but never answers), so the first contact fails within about one deadline,
+        # and then falls back to the last local copy of the manifest.
+        self.store = S3Store(config, default_attempts=1)
         self.reader = ObjectReader(config)  # its own store: retries bounded by the read deadline
         self.index, self.manifest_path = load_index(config, self.store)
 

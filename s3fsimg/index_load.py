@@ -122,7 +122,7 @@ def load_index(config: Config, store: S3Store) -> tuple[Index, Path]:
     except BackendError as exc:
         cached = _latest_copy(manifests, ident)
         if cached is None:
-            raise ManifestError(f"{where}: cannot read the manifest: {exc}") from None
+            raise ManifestError(f"{where}: cannot read the manifest: {_reason(exc, where)}") from None
         log.warning("%s: S3 cannot be reached (%s); serving the local copy of the manifest from %s",
                     where, exc, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cached["fetched_at"])))
         local = manifests / cached["file"]
@@ -149,7 +149,7 @@ def _head_manifest(store: S3Store, relative: str, where: str) -> dict[str, Any]:
     except BackendError:
         raise
     except S3fsimgError as err:
-        raise ManifestError(f"{where}: cannot read the manifest: {err}") from None
+        raise ManifestError(f"{where}: cannot read the manifest: {_reason(err, where)}") from None
     if info is None:
         store.check_bucket()  # a HEAD answers 404 for a missing bucket too: say which is missing
         raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)")
@@ -173,13 +173,19 @@ def _download_manifest(store: S3Store, relative: str, where: str, local: Path, s
     except NotFound:
         raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)") from None
     except BackendError as exc:
-        raise ManifestError(f"{where}: cannot read the manifest: {exc}") from None
+        raise ManifestError(f"{where}: cannot read the manifest: {_reason(exc, where)}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     meta = {"ident": ident, "file": local.name, "etag": got.get("etag") or info["etag"], "size": got["size"],
             "sha256": digest, "mtime_ns": info["mtime_ns"], "fetched_at": time.time()}
     _write_json(sidecar, meta)
     return meta
+
+
+def _reason(exc: Exception, where: str) -> str:
+    """An error's message without the location the caller's message already starts with."""
+    text = str(exc)
+    return text[len(where) + 2:] if text.startswith(f"{where}: ") else text
 
 
 class _HashingWriter:

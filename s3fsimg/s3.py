@@ -118,9 +118,10 @@ class S3Store:
     """S3 operations under one bucket and prefix."""
 
     def __init__(self, config: Config, *, max_pool: int = 16, read_timeout: float | None = None,
-                 max_attempts: int | None = None) -> None:
-        """`max_attempts`: botocore's retries (after the first try); None: the user's setting
-        (AWS_MAX_ATTEMPTS, the profile's max_attempts) or else 5; 0 for a caller that retries itself."""
+                 max_attempts: int | None = None, default_attempts: int = 5) -> None:
+        """`max_attempts`: botocore's retries (after the first try), 0 for a caller that retries
+        itself; None: the user's setting (AWS_MAX_ATTEMPTS, the profile's max_attempts), else
+        `default_attempts`."""
         self.config = config
         self.bucket = config.require_bucket()
         connect_timeout = min(5.0, max(1.0, config.read_deadline / 4))
@@ -134,7 +135,7 @@ class S3Store:
             if max_attempts is not None:
                 retries["max_attempts"] = max_attempts
             elif core.get_config_variable("max_attempts") is None:
-                retries["max_attempts"] = 5
+                retries["max_attempts"] = default_attempts
             boto_config = BotoConfig(
                 # AWS_REGION (what the AWS CLI v2 and the other SDKs read) before botocore's own chain
                 region_name=os.environ.get("AWS_REGION") or None,

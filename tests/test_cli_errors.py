@@ -100,3 +100,18 @@ def test_ctrl_c_during_a_slow_fetch_exits_at_once(s3_env: dict[str, str], proxy:
     again = s3fsimg("fetch", sha, env=s3_env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert hashlib.sha256(Path(again.stdout.strip()).read_bytes()).hexdigest() == sha
+
+
+@pytest.mark.timeout(120)
+def test_a_server_that_never_answers_fails_within_about_one_deadline(s3_env: dict[str, str], proxy: Any,
+                                                                      tmp_path: Path) -> None:
+    """The first contact (the manifest's HEAD) tries twice, each waiting half the read deadline: with a
+    4 s deadline it fails in about 4 s (it took six tries, ~14 s, before)."""
+    import time
+
+    with proxy.fault("hang"):
+        started = time.monotonic()
+        proc = s3fsimg("fetch", "0" * 64, env={**s3_env, "DATASET_READ_DEADLINE": "4s"}, cwd=tmp_path)
+        took = time.monotonic() - started
+    one_line_error(proc, 1, "manifest")
+    assert took < 9, took
