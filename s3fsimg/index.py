@@ -523,13 +523,31 @@ class Index:
         return _entry(row)
 
     def xattrs(self, inode: int) -> dict[str, bytes]:
-        """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others."""
-        try:
-            e = self.object_for_inode(inode)
-        except NotFound:
+        """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others.
+
+        Per object, not per line, as the object is one inode under all its names: logical_id, width,
+        height and etag each come from the object's first line that has the field (its lines share its
+        bytes, so width, height and etag agree). Its first row, then, only when that row lacks one of
+        them, its later rows in manifest order through the sha256 index (`sha256 = ? AND id > ?` is a
+        range of that index, already in id order) until every field is found."""
+        if not self.is_object(inode):
             return {}
-        values = {"sha256": e.sha256, "logical_id": e.logical_id, "width": e.width, "height": e.height,
-                  "content_type": e.content_type, "etag": e.etag}
+        first = inode - OBJ_BASE
+        db = self._db()
+        row = db.execute("SELECT sha256, content_type, logical_id, width, height, etag FROM entries "
+                         "WHERE id=? AND nlink IS NOT NULL", (first,)).fetchone()
+        if row is None:
+            return {}
+        sha, ctype = row[0], row[1]
+        found: list[Any] = list(row[2:])
+        if None in found:
+            for later in db.execute("SELECT logical_id, width, height, etag FROM entries WHERE sha256=? AND id>? "
+                                    "ORDER BY id", (sha, first)):
+                found = [v if v is not None else w for v, w in zip(found, later, strict=True)]
+                if None not in found:
+                    break
+        values = {"sha256": bytes(sha).hex(), "logical_id": found[0], "width": found[1], "height": found[2],
+                  "content_type": ctype, "etag": found[3]}
         return {f"user.s3fsimg.{k}": str(v).encode() for k, v in values.items() if v is not None}
 
     def by_sha256(self, sha256: str) -> Entry | None:

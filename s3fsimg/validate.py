@@ -1,7 +1,8 @@
 """`s3fsimg validate`: check a manifest (a local file, or the bucket's) line by line in bounded memory.
 
-Reports every error with its line number and field through `echo`; with `check_objects`, also
-HEADs every distinct object (in parallel threads, bounded in flight) and compares its size.
+Reports every error with its line number and field through `echo` (every independent problem of a
+line, see `manifest.Validator`); with `check_objects`, also HEADs every distinct object (in parallel
+threads, bounded in flight) and compares its size: once, for the first line of it that has no problem.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from s3fsimg.config import Config
 from s3fsimg.errors import ManifestError
-from s3fsimg.manifest import Entry, Validator, parse_line
+from s3fsimg.manifest import Validator, object_path
 from s3fsimg.s3 import S3Store
 
 
@@ -57,30 +58,28 @@ def _validate_file(path: Path, where: str, store: S3Store | None, max_errors: in
     except OSError as exc:
         raise ManifestError(f"{where}: cannot read: {exc.strerror}") from None
     pool = ThreadPoolExecutor(max_workers=workers) if store else None
-    pending: deque[tuple[int, Entry, Future[Any]]] = deque()
+    pending: deque[tuple[int, str, int, Future[Any]]] = deque()  # line, object path, bytes, its HEAD
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            lineno, entry, fut = pending.popleft()
+            lineno, obj_path, size, fut = pending.popleft()
             head = fut.result()
             assert store is not None
             if head is None:
-                report(f"{where}:{lineno}: path: {store.where(entry.path)} does not exist")
-            elif head["size"] != entry.bytes:
-                report(f"{where}:{lineno}: bytes: manifest says {entry.bytes}, the object has {head['size']}")
+                report(f"{where}:{lineno}: path: {store.where(obj_path)} does not exist")
+            elif head["size"] != size:
+                report(f"{where}:{lineno}: bytes: manifest says {size}, the object has {head['size']}")
 
     try:
         with f, Validator() as validator:
             for lineno, raw in enumerate(f, 1):
-                found = False
                 for problem in validator.check_line(lineno, raw):
-                    found = True
                     report(problem.format(where))
-                if store is not None and pool is not None and not found and raw.strip():
-                    entry = parse_line(raw)
-                    if validator.new_object:  # first line naming this sha256: HEAD it once
-                        pending.append((lineno, entry, pool.submit(store.stat, entry.path)))
-                        drain(workers * 8)
+                fields = validator.fields
+                if store is not None and pool is not None and validator.new_object and fields is not None:
+                    obj_path = object_path(fields[0], fields[2])  # HEAD each object once
+                    pending.append((lineno, obj_path, fields[1], pool.submit(store.stat, obj_path)))
+                    drain(workers * 8)
             drain(0)
             entries = validator.entries
     except _Stop:

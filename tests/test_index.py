@@ -154,6 +154,33 @@ def test_entries_xattrs_and_ids(small: Index) -> None:
     assert small.xattrs(ROOT_INODE) == {}
 
 
+
+def test_xattrs_are_per_object_each_from_its_first_line_that_has_it(tmp_path: Path) -> None:
+    """An object named on several lines is one inode: its xattrs do not depend on which line came first."""
+    m = write(tmp_path / "m.jsonl", [
+        entry(0, source_path="plain/a.png"),  # line 1 of object 0: no logical_id, width, height or etag
+        entry(1, logical_id="other", width=9, height=9, etag='"e1"'),  # another object in between
+        entry(0, logical_id="L2", width=3, etag='"e0"', source_path="named/a.png"),  # line 2: most of them
+        entry(0, logical_id="L3", height=4, etag='"e0"'),  # line 3: a later id (not taken), the height
+        entry(2, source_path="bare.png"),  # an object that never has them
+        entry(2, source_path="bare2.png"),
+    ])
+    build_index(m, tmp_path / "idx.sqlite", manifest_digest="d" * 64, mtime_ns=1)
+    with Index.open(tmp_path / "idx.sqlite") as index:
+        files = walk(index)
+        ino = files[object_path(sha(0), "image/png")]
+        names = ["by-path/plain/a.png", "by-path/named/a.png", f"by-id/L2/{sha(0)}.png", f"by-id/L3/{sha(0)}.png"]
+        assert {files[n] for n in names} == {ino}
+        assert index.xattrs(ino) == {"user.s3fsimg.sha256": sha(0).encode(), "user.s3fsimg.logical_id": b"L2",
+                                     "user.s3fsimg.width": b"3", "user.s3fsimg.height": b"4",
+                                     "user.s3fsimg.content_type": b"image/png", "user.s3fsimg.etag": b'"e0"'}
+        assert index.xattrs(files[object_path(sha(2), "image/png")]) == {
+            "user.s3fsimg.sha256": sha(2).encode(), "user.s3fsimg.content_type": b"image/png"}
+        assert index.xattrs(files[object_path(sha(1), "image/png")])["user.s3fsimg.logical_id"] == b"other"
+        # a later line of an object is not an inode of its own
+        assert index.xattrs(OBJ_BASE + 2) == {} and index.xattrs(index.iddir_base) == {}
+
+
 def test_inodes_stable_across_rebuilds(tmp_path: Path) -> None:
     m = tmp_path / "m.jsonl"
     fake_manifest(m, 3000, dirs=7, dup_every=5)

@@ -23,6 +23,9 @@ _texts = st.one_of(
                      '"q"', "\\", "\x1f", "\x7f", "\ud800", "tab\there", ""]),
 )
 _ints = st.one_of(st.integers(-3, 20), st.integers(10**17, 10**19), st.sampled_from([0, 1, 2**63]))
+#: ETags: quoted ones (the only valid form), around any text (quotes, backslashes, control characters, nothing)
+_etags = st.one_of(_texts, _texts.map(lambda t: f'"{t}"'),
+                   st.sampled_from(['"9a8b"', '"9a8b-2"', '""', '"a"b"', '"abc', 'abc"', "W/\"a\"", '"a"\n']))
 _values = st.one_of(st.none(), _ints, st.booleans(), _texts, st.floats(allow_nan=False, allow_infinity=False),
                     st.just([1]), st.just({"a": 1}))
 
@@ -38,7 +41,7 @@ def objects(draw: st.DrawFn) -> dict[str, Any]:
             obj[name] = draw(_ints)
     for name in ("logical_id", "etag", "source_path"):
         if draw(st.booleans()):
-            obj[name] = draw(_texts)
+            obj[name] = draw(_etags if name == "etag" else _texts)
     for name in draw(st.lists(st.sampled_from([*FIELDS, "extra"]), max_size=2)):
         if draw(st.booleans()):
             obj.pop(name, None)
@@ -116,7 +119,8 @@ def test_fast_path_examples() -> None:
             "width": 1, "height": 2, "logical_id": "é" * 127, "etag": '"9a8b"', "source_path": "a b/c.jpg"}
     raw = _line(base, 0)
     assert fast_fields(raw) == (sha, 5, "image/jpeg", 1, 2, "é" * 127, '"9a8b"', "a b/c.jpg")
-    for bad in ({"logical_id": "é" * 128}, {"etag": ""}, {"source_path": "a/../b"}, {"source_path": "a//b"},
+    for bad in ({"logical_id": "é" * 128}, {"etag": ""}, {"etag": "9a8b"}, {"etag": '""'}, {"etag": '"9a8b'},
+                {"etag": '9a8b"'}, {"etag": '"9"a8b"'}, {"source_path": "a/../b"}, {"source_path": "a//b"},
                 {"logical_id": ".."}, {"bytes": -1}, {"width": 0}, {"path": object_path(sha, "image/png")}):
         raw = _line({**base, **bad}, 0)
         assert fast_fields(raw) is None and _parse(raw) is None, bad
