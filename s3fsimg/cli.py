@@ -139,9 +139,19 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
                 else:
                     yield result.entry
 
-        n = write_manifest_file(entries(), out)
+        # Written beside `out`, moved over it only when it names an image: an empty manifest is invalid
+        # (validate refuses it) and must not replace a good one.
+        staged = out.with_name(f".{out.name}.{os.getpid()}.new")
+        try:
+            n = write_manifest_file(entries(), staged)
+            if n:
+                os.replace(staged, out)
+        finally:
+            staged.unlink(missing_ok=True)
     for rel, reason in skipped:
         click.echo(f"skipped {rel}: {reason}", err=True)
+    if n == 0:
+        raise UsageError(f"{directory}: no images found ({len(skipped)} files skipped); no manifest written")
     click.echo(f"wrote {out}: {n} entries, {len(skipped)} files skipped")
 
 

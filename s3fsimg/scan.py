@@ -2,7 +2,7 @@
 
 Owns the walk of DIR (stable order; symlinks followed only while they stay inside DIR), image
 recognition by content (Pillow reads the header only), SHA-256 hashing in parallel threads
-(hashlib releases the GIL), and the logical map (CSV `filename,logical_id`).
+(hashlib releases the GIL), and the logical map (CSV `filename,logical_id`, UTF-8 with or without a BOM).
 
 What the walk cannot put in a manifest it skips with a reason, and the run goes on: a name that is
 not valid UTF-8 (JSON cannot hold it; a directory so named is skipped whole), a symlink that leads
@@ -18,6 +18,7 @@ re-run skip reading files that have not changed since they were hashed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -66,7 +67,8 @@ class LogicalMap:
         by_path: dict[str, tuple[str, int]] = {}
         by_name: dict[str, tuple[str, int]] = {}
         try:
-            f = open(path, newline="", encoding="utf-8")  # noqa: SIM115
+            # utf-8-sig: a BOM (what Excel and Notepad write) is not part of the first row's filename
+            f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115
         except OSError as exc:
             # DATASET_LOGICAL_MAP / --logical-map names it: a configuration error (exit 2), before any work
             raise ConfigError(f"{path}: cannot read the logical map: {exc.strerror}") from None
@@ -281,6 +283,12 @@ class HashCache:
 
     The file's `user_version` is `VERSION`: a file of any other version (an older scanner's, whose
     rows may say what this one would not, such as image/mpo) is emptied when opened.
+
+    It is only a cache, so it never fails the work that uses it: a file that is not a database (torn,
+    foreign) is replaced; any other error, when it is opened or at any later read or write (the cache
+    directory is a file, read-only or full, the file is locked by another run for too long), logs one
+    WARNING naming the file and the reason and turns the cache off for the rest of the run (`get` finds
+    nothing, `put` keeps nothing), so every file is hashed. What was committed before stays valid.
     """
 
     #: Bumped whenever a row's meaning changes. 0: no version (rows may say image/mpo); 1: MPO is image/jpeg.
@@ -298,38 +306,65 @@ class HashCache:
     """
 
     def __init__(self, path: Path) -> None:
-        try:
-            self._open(path)
-        except sqlite3.DatabaseError as exc:  # not a database (a torn or foreign file): it is only a cache
-            log.warning("hash cache %s is unusable (%s); starting a new one", path, exc)
-            for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-                stale.unlink(missing_ok=True)
-            self._open(path)
+        self.path = path
         self._lock = threading.Lock()
         self._pending: list[tuple[object, ...]] = []
+        self._db: sqlite3.Connection | None = None
+        try:
+            try:
+                self._db = self._open(path)
+            except sqlite3.OperationalError:  # cannot open, write or lock: the file may be fine, keep it
+                raise
+            except sqlite3.DatabaseError as exc:  # not a database (a torn or foreign file): start a new one
+                log.warning("hash cache %s is unusable (%s); starting a new one", path, exc)
+                for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                    stale.unlink(missing_ok=True)
+                self._db = self._open(path)
+        except (OSError, sqlite3.Error) as exc:
+            self._give_up(exc)
 
-    def _open(self, path: Path) -> None:
-        old = os.umask(0o077)  # the cache directory and everything in it are private (0700/0600)
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA user_version")  # creates the file now, under the umask
-        finally:
-            os.umask(old)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("BEGIN IMMEDIATE")  # two runs opening one old file: one of them upgrades it
-        try:
-            (version,) = self._db.execute("PRAGMA user_version").fetchone()
-            if version != self.VERSION:
-                self._db.execute("DROP TABLE IF EXISTS files")
-                self._db.execute(f"PRAGMA user_version={int(self.VERSION)}")
-            self._db.execute(self._SCHEMA)
-            self._db.execute("COMMIT")
+            old = os.umask(0o077)  # the cache directory and everything in it are private (0700/0600)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+                db.execute("PRAGMA user_version")  # creates the file now, under the umask
+            finally:
+                os.umask(old)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")  # two runs opening one old file: one of them upgrades it
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version != HashCache.VERSION:
+                db.execute("DROP TABLE IF EXISTS files")
+                db.execute(f"PRAGMA user_version={int(HashCache.VERSION)}")
+            db.execute(HashCache._SCHEMA)
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
-            self._db.close()
+            if db is not None:
+                db.close()  # an open transaction is rolled back
             raise
+        return db
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Log why the cache cannot be used (once) and use it no more; call with the lock held or before
+        any other thread has the object."""
+        if isinstance(exc, OSError):
+            # FileExistsError comes from mkdir(exist_ok=True): the name is there, but not a directory
+            reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+            if exc.filename is not None and os.fspath(exc.filename) != os.fspath(self.path):
+                reason = f"{shown(os.fsdecode(exc.filename))}: {reason}"
+        else:
+            reason = str(exc)
+        log.warning("hash cache %s unusable (%s); hashing every file", shown(os.fspath(self.path)), reason)
+        db, self._db = self._db, None
+        self._pending.clear()
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()  # what is uncommitted is rolled back; what was committed stays valid
 
     @staticmethod
     def stamp(st: os.stat_result) -> str:
@@ -337,8 +372,14 @@ class HashCache:
 
     def get(self, rel: str, st: os.stat_result) -> tuple[str | None, str | None, int | None, int | None] | None:
         with self._lock:
-            row = self._db.execute("SELECT stat, sha256, content_type, width, height FROM files WHERE rel=?",
-                                   (rel,)).fetchone()
+            if self._db is None:
+                return None
+            try:
+                row = self._db.execute("SELECT stat, sha256, content_type, width, height FROM files WHERE rel=?",
+                                       (rel,)).fetchone()
+            except sqlite3.Error as exc:
+                self._give_up(exc)
+                return None
         if row is None or row[0] != self.stamp(st):
             return None
         return row[1], row[2], row[3], row[4]
@@ -347,21 +388,33 @@ class HashCache:
         row = (rel, self.stamp(st), entry and entry.sha256, entry and entry.content_type, entry and entry.width,
                entry and entry.height)
         with self._lock:
+            if self._db is None:
+                return
             self._pending.append(row)
             if len(self._pending) >= 500:
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._pending:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", self._pending)
-            self._db.execute("COMMIT")
+        if self._pending and self._db is not None:
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", self._pending)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._give_up(exc)
+                return
             self._pending.clear()
 
     def close(self) -> None:
         with self._lock:
             self._flush_locked()
-            self._db.close()
+            db, self._db = self._db, None
+            if db is not None:
+                try:
+                    db.close()
+                except sqlite3.Error as exc:
+                    self._db = db
+                    self._give_up(exc)
 
 
 #: Called with each image's entry and, when the file was read, the very bytes that were hashed

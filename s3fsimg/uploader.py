@@ -3,13 +3,17 @@
 Order of work, which is what makes a killed run safe to re-run:
 1. the logical map is parsed and checked against DIR's file names (a bad map uploads nothing);
 2. the bucket is checked (clear errors for a missing bucket, bad credentials, no endpoint);
-3. which objects exist is learnt by LIST of `images/` when DIR is large, else by HEAD per object;
+3. which objects exist is learnt by LIST of `images/` when DIR is large, else by HEAD per object; an
+   object counts as present only when its size is the file's (a key is content-addressed, so a
+   truncated or hand-made object there is replaced by the file's bytes);
 4. each file is read once, hashed, and the same bytes are PUT (with their SHA-256 checksum, so a
    server that checks rejects a damaged body) when absent; identical files are PUT once. A hash
    cache (`<cache_dir>/hashes/`, see `scan.HashCache`) spares re-reading unchanged files on a
    re-run; a file it vouches for that must be PUT is read and hashed again first;
 5. only when every PUT has succeeded is the manifest PUT, last. A run killed before that leaves
-   objects without a manifest naming them, never a manifest naming a missing object.
+   objects without a manifest naming them, never a manifest naming a missing object. A DIR in which
+   no image is found is refused (UsageError) before any PUT: its empty manifest would replace the
+   bucket's and hide the whole dataset.
 
 Imports config, s3, manifest and scan only; nothing of the read path.
 """
@@ -33,7 +37,7 @@ from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, write_manifest
 from s3fsimg.progress import progress_bar
 from s3fsimg.s3 import S3Store
-from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, read_regular, scan
+from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, read_regular, scan, shown
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,9 @@ class UploadReport:
 class _Uploads:
     """Makes sure each object is in the bucket, PUTting each distinct one at most once; thread-safe."""
 
-    def __init__(self, store: S3Store, known: dict[str, str] | None, logical_map: LogicalMap) -> None:
+    def __init__(self, store: S3Store, known: dict[str, tuple[int, str]] | None, logical_map: LogicalMap) -> None:
         self.store = store
-        self.known = known  # path -> ETag from a LIST of images/, or None: HEAD each object
+        self.known = known  # path -> (size, ETag) from a LIST of images/, or None: HEAD each object
         self.logical_map = logical_map
         self.lock = threading.Lock()
         self.done: dict[str, Future[str | None]] = {}  # sha256 -> ETag once present
@@ -86,12 +90,20 @@ class _Uploads:
         return dataclasses.replace(entry, etag=etag)
 
     def _present(self, entry: Entry) -> tuple[bool, str | None]:
+        """Whether the object is in the bucket with the file's size (and its ETag if so). An object of
+        another size at the key is not the file's bytes: it is PUT again, over the wrong one."""
         if self.known is not None:
-            return entry.path in self.known, self.known.get(entry.path)
-        head = self.store.stat(entry.path)
-        if head is not None and head["size"] == entry.bytes:
-            return True, str(head["etag"]) if head["etag"] else None
-        return False, None
+            listed = self.known.get(entry.path)
+            size, etag = listed if listed is not None else (None, None)
+        else:
+            head = self.store.stat(entry.path)
+            size, etag = (int(head["size"]), str(head["etag"] or "")) if head is not None else (None, None)
+        if size is None:
+            return False, None
+        if size != entry.bytes:
+            log.info("%s: %d bytes in the bucket, not %d; uploading it again", entry.path, size, entry.bytes)
+            return False, None
+        return True, etag or None
 
     def _ensure(self, entry: Entry, data: bytes | None, path: Path) -> tuple[Entry, str | None]:
         present, etag = self._present(entry)
@@ -116,6 +128,15 @@ class _Uploads:
         return entry, etag
 
 
+def _skipped_summary(skipped: list[tuple[str, str]]) -> str:
+    """`3 files skipped, first notes.txt: not an image` (the skip lines are not printed on an error)."""
+    text = f"{len(skipped)} files skipped"
+    if skipped:
+        rel, reason = skipped[0]
+        text += f", first {rel}: {reason}"
+    return text
+
+
 def hash_cache_path(config: Config, directory: Path) -> Path:
     """Where the hash cache of DIR lives: in the cache directory, one file per directory path."""
     digest = hashlib.sha256(os.fsencode(directory.resolve())).hexdigest()[:32]  # any bytes, UTF-8 or not
@@ -127,14 +148,16 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
     started = time.monotonic()
     config.require_bucket()
     lmap, count = prepare(directory, config.logical_map)
+    if count == 0:
+        raise UsageError(f"{shown(os.fspath(directory))}: no images found (0 files skipped); nothing uploaded")
 
     store = S3Store(config, max_pool=workers + 4)
     store.check_bucket()
-    known: dict[str, str] | None = None
+    known: dict[str, tuple[int, str]] | None = None
     if count > HEAD_LIMIT:
         known = {}
-        for rel, _size, etag in store.list_objects("images/"):
-            known[rel] = etag
+        for rel, size, etag in store.list_objects("images/"):
+            known[rel] = (size, etag)
     uploads = _Uploads(store, known, lmap)
     report = uploads.report
     hash_cache = HashCache(hash_cache_path(config, directory))
@@ -159,6 +182,9 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
                 write_manifest(entries(), out)
             finally:
                 hash_cache.close()
+        if report.entries == 0:  # an empty manifest over the bucket's would wipe the dataset
+            raise UsageError(f"{shown(os.fspath(directory))}: no images found ({_skipped_summary(report.skipped)}); "
+                             "nothing uploaded")
         manifest_bytes = manifest_tmp.read_bytes()
         # Every object the manifest names is now confirmed present (PUT succeeded, or LIST/HEAD saw it).
         remote = store.stat(config.manifest_key)

@@ -115,3 +115,16 @@ def test_a_server_that_never_answers_fails_within_about_one_deadline(s3_env: dic
         took = time.monotonic() - started
     one_line_error(proc, 1, "manifest")
     assert took < 9, took
+
+
+@pytest.mark.timeout(60)
+def test_manifest_of_a_directory_without_images_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "notes.txt").write_text("not an image")
+    out = tmp_path / "m.jsonl"
+    out.write_text("previous manifest\n")
+    proc = s3fsimg("manifest", str(root), "--out", str(out), cwd=tmp_path)
+    one_line_error(proc, 1, str(root), "no images found (1 files skipped)")
+    assert out.read_text() == "previous manifest\n"  # not replaced by an empty one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.jsonl"]

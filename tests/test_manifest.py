@@ -1,13 +1,16 @@
 """The manifest: the fast parser agrees with the JSON Schema, and `validate` reports every error
 with its line number and field (exit 1). Scanning for `manifest DIR`: MPO is image/jpeg, a hash cache
-of an older version is not used, and odd names and special files work or are skipped with a reason."""
+of an older version is not used, odd names and special files work or are skipped with a reason, and a
+logical map that starts with a UTF-8 BOM loses no row."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -26,6 +29,7 @@ from PIL import Image
 
 from s3fsimg.manifest import Entry, EntryProblem, Validator, object_path, parse_entry, parse_line, schema
 from s3fsimg.scan import HashCache, LogicalMap, NotRegularFile, _process, identify, read_regular, scan
+from tests.checklogs import expect_logs
 
 SHA = hashlib.sha256(b"x").hexdigest()
 SHA2 = hashlib.sha256(b"y").hexdigest()
@@ -258,6 +262,49 @@ def test_hash_cache_of_an_older_version_is_not_used(tmp_path: Path) -> None:
         db.close()
 
 
+def test_a_hash_cache_that_fails_later_is_turned_off_with_one_warning(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails mid-run (the 500-row flush inside `put`: disk full) or a read that fails: one
+    WARNING, then the cache finds and keeps nothing; nothing raises, and what was committed stays."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes())
+    st_a = (root / "a.png").stat()
+    db_path = tmp_path / "hashes" / "x.sqlite"
+    cache = HashCache(db_path)
+    cache.put("a.png", st_a, None)
+    cache.close()
+
+    real_connect = sqlite3.connect
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(database, *args, **kwargs)
+        conn.execute(f"PRAGMA max_page_count={conn.execute('PRAGMA page_count').fetchone()[0]}")  # no room to grow
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    cache = HashCache(db_path)
+    assert cache.get("a.png", st_a) == (None, None, None, None)
+    with expect_logs(rf"^hash cache {re.escape(str(db_path))} unusable \(database or disk is full\); "
+                     r"hashing every file$", count=1):
+        for i in range(600):
+            cache.put(f"f{i:04d}-{'x' * 60}.png", st_a, None)
+        assert cache.get("a.png", st_a) is None  # off: every file is hashed
+        cache.close()
+    monkeypatch.undo()
+
+    cache = HashCache(db_path)  # the file is intact: what the first run committed is there
+    try:
+        assert cache.get("a.png", st_a) == (None, None, None, None)
+        with sqlite3.connect(db_path) as other:  # pulled from under it: reads now fail
+            other.execute("DROP TABLE files")
+        with expect_logs(r"unusable \(no such table: files\); hashing every file$", count=1):
+            assert cache.get("a.png", st_a) is None
+            assert cache.get("a.png", st_a) is None
+    finally:
+        cache.close()
+
+
 def test_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path: Path) -> None:
     root = tmp_path / "d"
     root.mkdir()
@@ -382,3 +429,26 @@ def test_a_fifo_put_in_place_of_a_listed_file_is_never_opened_for_reading(tmp_pa
     assert (result.entry, result.skipped) == (None, "not a regular file (FIFO)")
     with pytest.raises(NotRegularFile):  # the last guard, after the stat: the descriptor read is refused
         read_regular(fifo)
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_a_logical_map_with_a_utf8_bom_loses_no_row(tmp_path: Path, header: bool) -> None:
+    """Excel's "CSV UTF-8" and Notepad start the file with a BOM: it is not part of the first filename
+    (without a header row, that row's id was lost; with one, the header was taken for a row)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "b.png").write_bytes(png_bytes("red"))
+    (root / "c.png").write_bytes(png_bytes("blue"))
+    map_path = tmp_path / "map.csv"
+    rows = ("filename,logical_id\r\n" if header else "") + "b.png,ID-B\r\nc.png,ID-C\r\n"
+    map_path.write_bytes(codecs.BOM_UTF8 + rows.encode("utf-8"))
+
+    lmap = LogicalMap.load(map_path)
+    assert (len(lmap), lmap.lookup("b.png"), lmap.lookup("c.png")) == (2, "ID-B", "ID-C")
+
+    out = tmp_path / "m.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "s3fsimg", "manifest", str(root), "--out", str(out)],
+                          env={**os.environ, "DATASET_LOGICAL_MAP": str(map_path)}, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {e.source_path: e.logical_id for e in manifest_entries(out)} == {"b.png": "ID-B", "c.png": "ID-C"}

@@ -1,14 +1,20 @@
 """The write side end to end: upload a generated dataset to the local S3 server through the counting
 proxy, validate it, re-upload (no PUT), survive SIGKILL, refuse a bad map, and fail clearly (no
 traceback, no secret) on wrong credentials, an unreachable endpoint and a missing bucket. An MPO goes up
-as image/jpeg; what a manifest cannot name (non-UTF-8 names, FIFOs, symlink loops) is skipped, not fatal."""
+as image/jpeg; what a manifest cannot name (non-UTF-8 names, FIFOs, symlink loops) is skipped, not fatal.
+A wrong-size object at an image's key is replaced (HEAD and LIST modes); a DIR without images uploads
+nothing and leaves the bucket's manifest alone; a hash cache that cannot be used (cache dir a file,
+read-only, full disk) costs a warning and a re-hash, never the upload."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,7 +26,8 @@ import pytest
 
 from s3fsimg.config import Config
 from s3fsimg.manifest import parse_line
-from s3fsimg.uploader import hash_cache_path
+from s3fsimg.uploader import HEAD_LIMIT, hash_cache_path, upload
+from tests.checklogs import expect_logs
 from tests.lab.images import SampleSet, make_dataset
 from tests.lab.moto import free_port
 from tests.lab.procs import stop_process
@@ -384,3 +391,210 @@ def test_upload_skips_what_a_manifest_cannot_name_and_completes(tmp_path: Path, 
     again = cli(s3_env, "upload", root, timeout=90)  # the hash cache of a DIR so named works too
     assert again.returncode == 0, again.stderr
     assert "uploaded 0 objects" in again.stdout
+
+
+# -- a wrong-size object at an image's key ----------------------------------------------------------------
+
+
+def write_pngs(root: Path, n: int) -> list[Path]:
+    """n distinct small PNGs under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = root / f"p{i:03d}.png"
+        path.write_bytes(png_bytes((i % 256, i // 256, 7), (3, 2)))
+        paths.append(path)
+    return paths
+
+
+def image_key(path: Path) -> str:
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"images/{sha[:2]}/{sha[2:4]}/{sha}.png"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n", [5, HEAD_LIMIT + 5], ids=["head", "list"])
+def test_a_wrong_size_object_at_an_image_key_is_uploaded_again(tmp_path: Path, s3_env: dict[str, str],
+                                                                proxy: LabProxy, moto_client: Any, bucket: str,
+                                                                n: int) -> None:
+    """A truncated body at an image's key (a buggy proxy, a hand-made object) is not "already in the bucket":
+    with a HEAD per object or one LIST of images/ (above HEAD_LIMIT files), the re-run PUTs the file's bytes."""
+    root = tmp_path / "d"
+    paths = write_pngs(root, n)
+    assert cli(s3_env, "upload", str(root)).returncode == 0
+    victim = paths[n // 2]
+    key = image_key(victim)
+    moto_client.put_object(Bucket=bucket, Key=key, Body=b"0123456789", ContentType="image/png")
+
+    proxy.reset()
+    proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert proxy.get_count("PUT", key) == 1
+    assert proxy.get_count("PUT", "images/") == 1  # only the damaged one
+    if n > HEAD_LIMIT:
+        assert proxy.get_count("HEAD", "images/") == 0  # really the LIST path
+    assert "uploaded 1 objects" in proc.stdout
+    assert moto_client.get_object(Bucket=bucket, Key=key)["Body"].read() == victim.read_bytes()
+    assert cli(s3_env, "validate", "--check-objects").returncode == 0
+
+    proxy.reset()
+    again = cli(s3_env, "upload", str(root))  # repaired: nothing to do
+    assert again.returncode == 0, again.stderr
+    assert proxy.get_count("PUT") == 0
+
+
+# -- a DIR without images ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("contents", ["empty", "no-images", "many-non-images"])
+def test_upload_of_a_dir_without_images_uploads_nothing_and_keeps_the_manifest(
+    tmp_path: Path, s3_env: dict[str, str], proxy: LabProxy, moto_client: Any, bucket: str, contents: str
+) -> None:
+    first = tmp_path / "first"
+    write_pngs(first, 2)
+    assert cli(s3_env, "upload", str(first)).returncode == 0
+    before = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")
+    before_body = before["Body"].read()
+
+    root = tmp_path / "d"
+    root.mkdir()
+    files = {"empty": 0, "no-images": 2, "many-non-images": HEAD_LIMIT + 3}[contents]
+    for i in range(files):
+        (root / f"notes{i:03d}.txt").write_text("not an image")
+    proxy.reset()
+    proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"s3fsimg: error: {root}: no images found ({files} files skipped")
+    assert last.endswith("; nothing uploaded")
+    assert proxy.get_count("PUT") == 0
+    after = moto_client.get_object(Bucket=bucket, Key="manifests/inventory-v1.jsonl")
+    assert after["Body"].read() == before_body
+    assert after["ETag"] == before["ETag"]
+
+
+# -- a hash cache that cannot be used ---------------------------------------------------------------------
+
+
+def _cache_warnings(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "hash cache" in line]
+
+
+def _assert_uploaded_without_the_cache(proc: subprocess.CompletedProcess[str], db: Path, reason: str,
+                                       moto_client: Any, bucket: str, root: Path) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [warning] = _cache_warnings(proc)
+    assert " WARNING " in warning
+    assert f"hash cache {db} unusable (" in warning and "); hashing every file" in warning, warning
+    assert reason in warning, warning
+    keys = set(bucket_objects(moto_client, bucket))
+    assert {image_key(p) for p in root.iterdir()} | {"manifests/inventory-v1.jsonl"} == keys
+
+
+@pytest.mark.parametrize("where", ["cache-dir", "hashes"])
+def test_a_hash_cache_path_that_is_a_file_costs_a_warning_not_the_upload(
+    tmp_path: Path, s3_env: dict[str, str], moto_client: Any, bucket: str, where: str
+) -> None:
+    root = tmp_path / "d"
+    write_pngs(root, 3)
+    cache_dir = Path(s3_env["DATASET_CACHE_DIR"])
+    if where == "cache-dir":
+        cache_dir.write_text("a file, not a directory")
+        reason = "cache/hashes: Not a directory"
+    else:
+        cache_dir.mkdir()
+        (cache_dir / "hashes").write_text("a file, not a directory")
+        reason = "hashes: exists and is not a directory"
+    db = hash_cache_path(Config.load(env=s3_env), root)
+    proc = cli(s3_env, "upload", str(root))
+    _assert_uploaded_without_the_cache(proc, db, reason, moto_client, bucket, root)
+
+
+def _mount_namespace_or_skip(probe_dir: Path) -> list[str]:
+    """A command prefix that runs a shell script in a private mount namespace (mounts vanish with it)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a small or read-only filesystem")
+    prefix = [unshare, "--mount", "--propagation", "private", "sh", "-ec"]
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run([*prefix, f"mount -t tmpfs -o size=64k tmpfs '{probe_dir}'"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a mount namespace: {probe.stderr.strip()}")
+    return prefix
+
+
+def cli_with_mounts(prefix: list[str], script: str, env: dict[str, str],
+                    *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` (the mounts) then the CLI, in the private mount namespace of `prefix`."""
+    return subprocess.run([*prefix, f'{script}\nexec "$@"', "sh", sys.executable, "-m", "s3fsimg", *args],
+                          env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("state", ["new", "existing"])
+def test_a_read_only_hash_cache_costs_a_warning_not_the_upload(tmp_path: Path, s3_env: dict[str, str],
+                                                                moto_client: Any, bucket: str, state: str) -> None:
+    cache_dir = Path(s3_env["DATASET_CACHE_DIR"])
+    prefix = _mount_namespace_or_skip(tmp_path / "probe")
+    root = tmp_path / "d"
+    write_pngs(root, 3)
+    db = hash_cache_path(Config.load(env=s3_env), root)
+    if state == "new":  # nothing there yet, and nothing can be created
+        cache_dir.mkdir()
+        script = f"mount -t tmpfs -o ro,size=64k tmpfs '{cache_dir}'"
+        reason = "Read-only file system"
+    else:  # an earlier run's cache, now on a read-only filesystem
+        assert cli(s3_env, "upload", str(root)).returncode == 0
+        assert db.is_file()
+        for key in bucket_objects(moto_client, bucket):  # so that this run must PUT everything again
+            moto_client.delete_object(Bucket=bucket, Key=key)
+        (root / "p000.png").write_bytes(png_bytes("white", (5, 5)))  # one file to hash again
+        script = f"mount --bind '{cache_dir}' '{cache_dir}'\nmount -o remount,bind,ro '{cache_dir}'"
+        reason = ""  # SQLite's words for it vary by version
+    proc = cli_with_mounts(prefix, script, s3_env, "upload", str(root))
+    _assert_uploaded_without_the_cache(proc, db, reason, moto_client, bucket, root)
+
+
+def test_a_full_disk_under_the_hash_cache_costs_a_warning_not_the_upload(
+    tmp_path: Path, s3_env: dict[str, str], moto_client: Any, bucket: str
+) -> None:
+    cache_dir = Path(s3_env["DATASET_CACHE_DIR"])
+    prefix = _mount_namespace_or_skip(tmp_path / "probe")
+    cache_dir.mkdir()
+    root = tmp_path / "d"
+    write_pngs(root, 3)
+    db = hash_cache_path(Config.load(env=s3_env), root)
+    script = (f"mount -t tmpfs -o size=64k tmpfs '{cache_dir}'\nmkdir -m 700 '{db.parent}'\n"
+              f"dd if=/dev/zero of='{cache_dir}/filler' bs=4k 2>/dev/null || true")
+    proc = cli_with_mounts(prefix, script, s3_env, "upload", str(root))
+    _assert_uploaded_without_the_cache(proc, db, "full", moto_client, bucket, root)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pages", [1, 2], ids=["full-at-open", "full-at-flush"])
+def test_a_hash_cache_that_fills_up_costs_a_warning_not_the_upload(
+    tmp_path: Path, s3_env: dict[str, str], moto_client: Any, bucket: str, monkeypatch: pytest.MonkeyPatch,
+    pages: int
+) -> None:
+    """SQLite's own "database or disk is full" (max_page_count), when the cache is created (1 page) or when
+    the rows hashed in this run are written (2 pages: room for the empty table only)."""
+    root = tmp_path / "d"
+    write_pngs(root, HEAD_LIMIT + 20)
+    config = Config.load(env=s3_env)
+    db = hash_cache_path(config, root)
+    real_connect = sqlite3.connect
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(database, *args, **kwargs)
+        if Path(database) == db:
+            conn.execute(f"PRAGMA max_page_count={pages}")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with expect_logs(rf"^hash cache {re.escape(str(db))} unusable \(database or disk is full\); hashing every file$",
+                     count=1):
+        report = upload(config, root, workers=4, show_progress=False)
+    assert (report.uploaded, report.entries, report.manifest_uploaded) == (HEAD_LIMIT + 20, HEAD_LIMIT + 20, True)
+    assert len(bucket_objects(moto_client, bucket)) == HEAD_LIMIT + 21
