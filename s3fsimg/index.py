@@ -71,7 +71,8 @@ CREATE TABLE metadata(
 
 -- One row per manifest line (blank lines skipped), in manifest order. `path` is not stored: it is
 -- images/ab/cd/<sha256>.<ext of content_type>, which the manifest parser has checked. An object (a
--- distinct sha256) is the row of its first line: inode OBJ_BASE + id, attributes from that row.
+-- distinct sha256) is the row of its first line: inode OBJ_BASE + id, stat attributes from that row
+-- (xattrs: each field from the first of its rows that has it, `Index.xattrs`).
 CREATE TABLE entries(
     id           INTEGER PRIMARY KEY,  -- 0-based position among the entries: nth_entry(id)
     sha256       BLOB NOT NULL,        -- object hash, 32 raw bytes (index entries_sha256: images/, in hash order)
