@@ -84,4 +84,4 @@ def run(lab: Lab, report: Report, args: Any, data: Path) -> None:
         "too, content-type by extension); s3fsimg puts each distinct image once, recognised by its bytes, "
         "with a SHA-256 checksum, then the manifest. The re-upload walks and stats DIR, answers from its "
         "hash cache, makes one LIST and one HEAD, and PUTs nothing; run as a command, most of its time is the "
-        "start-up of Python, boto3 and its client (about 0.3 s), which the in-process figures leave out.")
+        "start-up of Python, botocore and its client (about 0.25 s), which the in-process figures leave out.")
