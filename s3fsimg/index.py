@@ -32,6 +32,7 @@ B-tree probes (microseconds with a warm page cache), cheap enough for the trio t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -517,11 +518,22 @@ class Index:
         """The manifest entry (first line) of the object `inode`; NotFound if it is not an object."""
         row = None
         if self.is_object(inode):
-            row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=? AND nlink IS NOT NULL",
+            row = self._db().execute(f"SELECT id, {_ENTRY_COLUMNS} FROM entries WHERE id=? AND nlink IS NOT NULL",
                                      (inode - OBJ_BASE,)).fetchone()
         if row is None:
             raise NotFound(f"inode {inode}: not an object of this manifest")
-        return _entry(row)
+        return self._object_entry(row)
+
+    def _object_entry(self, row: tuple[Any, ...]) -> Entry:
+        """The Entry of an object's first row (`id, _ENTRY_COLUMNS`). When that line has no etag, the
+        first later line's that has one: the reader checks every S3 response against it."""
+        entry = _entry(row[1:])
+        if entry.etag is None:
+            later = self._db().execute("SELECT etag FROM entries WHERE sha256=? AND id>? AND etag IS NOT NULL "
+                                       "ORDER BY id LIMIT 1", (row[1], row[0])).fetchone()
+            if later is not None:
+                entry = dataclasses.replace(entry, etag=later[0])
+        return entry
 
     def xattrs(self, inode: int) -> dict[str, bytes]:
         """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others.
@@ -552,14 +564,14 @@ class Index:
         return {f"user.s3fsimg.{k}": str(v).encode() for k, v in values.items() if v is not None}
 
     def by_sha256(self, sha256: str) -> Entry | None:
-        """The first entry of the object with this hash."""
+        """The first entry of the object with this hash (with an etag from a later line if it has none)."""
         try:
             raw = bytes.fromhex(sha256)
         except ValueError:
             return None
-        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE sha256=? AND nlink IS NOT NULL",
+        row = self._db().execute(f"SELECT id, {_ENTRY_COLUMNS} FROM entries WHERE sha256=? AND nlink IS NOT NULL",
                                  (raw,)).fetchone()
-        return _entry(row) if row else None
+        return self._object_entry(row) if row else None
 
     def by_logical_id(self, logical_id: str) -> Entry | None:
         """The first entry with this logical id."""

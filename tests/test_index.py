@@ -179,6 +179,11 @@ def test_xattrs_are_per_object_each_from_its_first_line_that_has_it(tmp_path: Pa
         assert index.xattrs(files[object_path(sha(1), "image/png")])["user.s3fsimg.logical_id"] == b"other"
         # a later line of an object is not an inode of its own
         assert index.xattrs(OBJ_BASE + 2) == {} and index.xattrs(index.iddir_base) == {}
+        # what the reader checks S3's responses against: the object's etag, whichever line gave it
+        assert index.object_for_inode(ino).etag == '"e0"'
+        by_hash = index.by_sha256(sha(0))
+        assert by_hash is not None and by_hash.etag == '"e0"' and by_hash.source_path == "plain/a.png"
+        assert index.object_for_inode(files[object_path(sha(2), "image/png")]).etag is None
 
 
 def test_inodes_stable_across_rebuilds(tmp_path: Path) -> None:
