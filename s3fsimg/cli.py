@@ -150,6 +150,8 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
             staged.unlink(missing_ok=True)
     for rel, reason in skipped:
         click.echo(f"skipped {rel}: {reason}", err=True)
+    if note := lmap.unmatched_note():
+        click.echo(note, err=True)
     if n == 0:
         raise UsageError(f"{directory}: no images found ({len(skipped)} files skipped); no manifest written")
     click.echo(f"wrote {out}: {n} entries, {len(skipped)} files skipped")
@@ -170,6 +172,8 @@ def upload_cmd(directory: Path, workers: int, **flags: Any) -> None:
     report = upload(config, directory, workers=workers)
     for rel, reason in report.skipped:
         click.echo(f"skipped {rel}: {reason}", err=True)
+    if report.map_note:
+        click.echo(report.map_note, err=True)
     click.echo(
         f"uploaded {report.uploaded} objects ({format_size(report.uploaded_bytes)}), "
         f"skipped {report.present} already in the bucket and {report.duplicates} duplicates, "

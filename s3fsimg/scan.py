@@ -28,6 +28,7 @@ import os
 import sqlite3
 import stat
 import threading
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,7 @@ class LogicalMap:
         self.by_path = by_path
         self.by_name = by_name
         self.source = source
+        self.unmatched: list[tuple[str, int]] = []  # rows no file matched (filename, line): see check_against
 
     @classmethod
     def empty(cls) -> LogicalMap:
@@ -84,7 +86,7 @@ class LogicalMap:
                 continue
             if len(row) != 2:
                 raise UsageError(f"{path}:{lineno}: expected 2 columns (filename,logical_id), found {len(row)}")
-            name, lid = row[0].strip(), row[1].strip()
+            name, lid = _nfc(row[0].strip()), row[1].strip()
             if not name:
                 raise UsageError(f"{path}:{lineno}: empty filename")
             problem = source_path_problem(name.replace(os.sep, "/"))
@@ -104,16 +106,21 @@ class LogicalMap:
         return len(self.by_path) + len(self.by_name)
 
     def lookup(self, rel: str) -> str | None:
+        rel = _nfc(rel)
         hit = self.by_path.get(rel)
         if hit is None:
             hit = self.by_name.get(rel.rsplit("/", 1)[-1])
         return hit[0] if hit else None
 
     def check_against(self, rels: Iterator[str]) -> None:
-        """A basename row that matches several files (not named by path) is ambiguous: raise."""
+        """A basename row that matches several files (not named by path) is ambiguous: raise. Rows that
+        match no file are kept in `unmatched` (the commands say so: a typo must not pass silently)."""
         seen: dict[str, str] = {}
+        paths_seen: set[str] = set()
         for rel in rels:
+            rel = _nfc(rel)
             if rel in self.by_path:
+                paths_seen.add(rel)
                 continue
             base = rel.rsplit("/", 1)[-1]
             if base in self.by_name:
@@ -122,6 +129,24 @@ class LogicalMap:
                     raise UsageError(f"{self.source}:{lineno}: {base!r} is ambiguous: it matches "
                                      f"{seen[base]!r} and {rel!r} (name them by relative path)")
                 seen[base] = rel
+        self.unmatched = sorted(((name, line) for name, (_, line) in self.by_path.items() if name not in paths_seen),
+                                key=lambda item: item[1])
+        self.unmatched += sorted(((name, line) for name, (_, line) in self.by_name.items() if name not in seen),
+                                 key=lambda item: item[1])
+
+    def unmatched_note(self) -> str | None:
+        """One line for the commands' output when rows matched no file, else None."""
+        if not self.unmatched:
+            return None
+        name, line = min(self.unmatched, key=lambda item: item[1])
+        return (f"note: {len(self.unmatched)} row(s) of the logical map {self.source} match no file "
+                f"(first: {shown(name)!r}, line {line})")
+
+
+def _nfc(name: str) -> str:
+    """A name in Unicode NFC: a map typed on one system matches files named on another (macOS writes
+    decomposed NFD names, most editors composed NFC)."""
+    return name if unicodedata.is_normalized("NFC", name) else unicodedata.normalize("NFC", name)
 
 
 def shown(name: str) -> str:

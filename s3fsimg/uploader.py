@@ -53,6 +53,7 @@ class UploadReport:
     duplicates: int = 0
     entries: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    map_note: str | None = None  # logical-map rows that matched no file (LogicalMap.unmatched_note)
     manifest_uploaded: bool = False
     seconds: float = 0.0
 
@@ -160,6 +161,7 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
             known[rel] = (size, etag)
     uploads = _Uploads(store, known, lmap)
     report = uploads.report
+    report.map_note = lmap.unmatched_note()
     hash_cache = HashCache(hash_cache_path(config, directory))
 
     with tempfile.TemporaryDirectory(prefix="s3fsimg-upload-") as tmp:

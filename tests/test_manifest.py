@@ -452,3 +452,27 @@ def test_a_logical_map_with_a_utf8_bom_loses_no_row(tmp_path: Path, header: bool
                           timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert {e.source_path: e.logical_id for e in manifest_entries(out)} == {"b.png": "ID-B", "c.png": "ID-C"}
+
+
+def test_a_logical_map_matches_names_in_either_unicode_form_and_reports_rows_that_match_nothing(
+        tmp_path: Path) -> None:
+    """macOS writes decomposed (NFD) names, a CSV typed elsewhere is composed (NFC): "café.png" must
+    match either way; a row that matches no file (a typo) is reported, not dropped silently."""
+    import unicodedata
+
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    nfd = unicodedata.normalize("NFD", "café.png")
+    (root / nfd).write_bytes(png_bytes("red"))
+    (root / "sub" / "b.png").write_bytes(png_bytes("blue"))
+    map_path = tmp_path / "map.csv"
+    map_path.write_text("filename,logical_id\ncafé.png,ID-CAFE\nsub/b.png,ID-B\nsub/typo.png,ID-X\nnothing.png,ID-Y\n",
+                        encoding="utf-8")
+    out = tmp_path / "m.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "s3fsimg", "manifest", str(root), "--out", str(out)],
+                          env={**os.environ, "DATASET_LOGICAL_MAP": str(map_path)}, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {e.source_path: e.logical_id for e in manifest_entries(out)} == {nfd: "ID-CAFE", "sub/b.png": "ID-B"}
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 2 row(s) of the logical map {map_path} match no file (first: 'sub/typo.png', line 4)"]
