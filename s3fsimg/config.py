@@ -177,14 +177,14 @@ def _check_endpoint(url: str, where: str) -> None:
     """An http(s) URL with a host and a valid port, and no user name or password (S3 signs requests
     with AWS credentials; a password in the URL would end up in messages). The URL is not echoed
     when it has credentials in it."""
+    if "@" in url:  # before any parsing: a malformed URL with a password in it must not be echoed
+        raise ConfigError(f"{where}: must not contain a user name or password (S3 credentials come from "
+                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError when out of range or not a number
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not a valid URL ({exc})") from None
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{where}: must not contain a user name or password (S3 credentials come from "
-                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    except ValueError:  # its text may quote the port part, which is not echoed either
+        raise ConfigError(f"{where}: not a valid URL (a bad port or host)") from None
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"{where}: {_shorten(url)!r} is not an http:// or https:// URL")
     if not parts.hostname or any(c.isspace() for c in url) or (port is not None and port == 0):

@@ -132,9 +132,12 @@ class S3Store:
             read_timeout = min(30.0, max(1.0, config.read_deadline / 2))
         try:
             core = _new_session()
-            # The retry mode is always the chain's (AWS_RETRY_MODE, the profile; botocore's default is
-            # "standard"); so is the number of attempts, unless the caller retries itself.
+            # The user's retry settings (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, the profile's retry_mode /
+            # max_attempts) win; without them, botocore's standard mode (older botocores default to
+            # "legacy") and `default_attempts`. A caller that retries itself gets no botocore retries.
             retries: dict[str, Any] = {}
+            if not (os.environ.get("AWS_RETRY_MODE") or core.get_scoped_config().get("retry_mode")):
+                retries["mode"] = "standard"
             if max_attempts is not None:
                 retries["max_attempts"] = max_attempts
             elif core.get_config_variable("max_attempts") is None:

@@ -92,13 +92,15 @@ def test_an_empty_value_means_the_default() -> None:
     assert Config.load({"cache_dir": "", "read_deadline": " "}, env={"S3_BUCKET": "b"}) == Config(bucket="b")
 
 
-def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """AWS_REGION (read by the AWS CLI v2 and the other SDKs, not by botocore) and the user's retry
     settings apply; without them: botocore's standard mode and 5 retries. The reader retries itself."""
     from s3fsimg.s3 import S3Store
 
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/s3fsimg-test/config")  # not the developer's
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/s3fsimg-test/credentials")
     def retries(store: S3Store) -> Any:
         return store.client.meta.config.retries  # type: ignore[attr-defined]  # set at run time, not in the stubs
 
@@ -116,12 +118,23 @@ def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     with pytest.raises(ConfigError, match=r"AWS_PROFILE: .*no-such-profile"):
         S3Store(config)
+    # a profile's own retry settings apply too
+    profile = tmp_path / "aws-config"
+    profile.write_text("[profile slow]\nretry_mode = legacy\nmax_attempts = 3\n")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(profile))
+    monkeypatch.setenv("AWS_PROFILE", "slow")
+    assert retries(S3Store(config)) == {"mode": "legacy", "total_max_attempts": 3}
 
 
 @pytest.mark.parametrize(("url", "message"), [
     ("http://", "not a valid URL"), ("http://exa mple", "not a valid URL"), ("http://[::1", "not a valid URL"),
     ("http://127.0.0.1:99999", "not a valid URL"), ("ftp://host", "not an http:// or https:// URL"),
     ("http://user:s3cret@host:9000", "must not contain a user name or password"),
+    ("minioadmin:s3cret@localhost:9000", "must not contain a user name or password"),
+    ("http:/user:s3cret@host", "must not contain a user name or password"),
+    ("http://host:s3cret", "not a valid URL"),
 ])
 def test_bad_endpoint_urls_are_configuration_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
