@@ -57,6 +57,16 @@ class GetResult:
     total_size: int | None
 
 
+def quoted_etag(value: object) -> str | None:
+    """An ETag as the manifest records it: in double quotes, as S3 sends it (HTTP's entity-tag).
+    Some S3-compatible servers send it bare: it is quoted here, so every ETag this module returns
+    compares equal whichever call saw it. None when there is none (or it cannot be one)."""
+    if not isinstance(value, str):
+        return None
+    inner = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    return f'"{inner}"' if inner and '"' not in inner else None
+
+
 def translate(exc: BaseException, where: str) -> S3fsimgError:
     """Turn a botocore/urllib3 exception into one of ours, with one line saying what and where."""
     if isinstance(exc, S3fsimgError):
@@ -194,7 +204,7 @@ class S3Store:
         where = self.where(relative)
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=self.key(relative))
-            return {"size": int(resp["ContentLength"]), "etag": resp.get("ETag"),
+            return {"size": int(resp["ContentLength"]), "etag": quoted_etag(resp.get("ETag")),
                     "last_modified": resp.get("LastModified")}
         except bexc.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))
@@ -213,10 +223,10 @@ class S3Store:
                 return None
             raise err from None
         total = str(got.get("ContentRange", "")).rsplit("/", 1)[-1]
-        return {"size": int(total) if total.isdigit() else int(got["ContentLength"]), "etag": got.get("ETag"),
-                "last_modified": got.get("LastModified")}
+        return {"size": int(total) if total.isdigit() else int(got["ContentLength"]),
+                "etag": quoted_etag(got.get("ETag")), "last_modified": got.get("LastModified")}
 
-    def list_objects(self, relative_prefix: str) -> Iterator[tuple[str, int, str]]:
+    def list_objects(self, relative_prefix: str) -> Iterator[tuple[str, int, str | None]]:
         """(relative key, size, etag) of every object under `relative_prefix`."""
         full = self.key(relative_prefix)
         cut = len(self.config.prefix) + 1 if self.config.prefix else 0
@@ -224,7 +234,7 @@ class S3Store:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][cut:], int(obj["Size"]), str(obj.get("ETag", ""))
+                    yield obj["Key"][cut:], int(obj["Size"]), quoted_etag(obj.get("ETag"))
         except Exception as exc:
             raise translate(exc, self.where(relative_prefix)) from None
 
@@ -239,7 +249,7 @@ class S3Store:
             resp = self.client.put_object(**args)
         except Exception as exc:
             raise translate(exc, self.where(relative)) from None
-        return resp.get("ETag")
+        return quoted_etag(resp.get("ETag"))
 
     def get_bytes(self, relative: str) -> bytes:
         try:
@@ -259,7 +269,7 @@ class S3Store:
                 size += len(chunk)
         except Exception as exc:
             raise translate(exc, self.where(relative)) from None
-        return {"etag": resp.get("ETag"), "size": size}
+        return {"etag": quoted_etag(resp.get("ETag")), "size": size}
 
     def get_range(self, relative: str, start: int, end: int, *, deadline: float) -> GetResult:
         """Bytes [start, end) of an object, retried on transient faults until `deadline`
@@ -298,4 +308,4 @@ class S3Store:
                 expected = int(last) - int(first) + 1  # an object shorter than asked: the caller sees `total`
         if len(data) != expected:
             raise _ShortRead(f"got {len(data)} of {expected} bytes")
-        return GetResult(data=data, etag=resp.get("ETag"), total_size=total)
+        return GetResult(data=data, etag=quoted_etag(resp.get("ETag")), total_size=total)

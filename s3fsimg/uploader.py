@@ -61,7 +61,8 @@ class UploadReport:
 class _Uploads:
     """Makes sure each object is in the bucket, PUTting each distinct one at most once; thread-safe."""
 
-    def __init__(self, store: S3Store, known: dict[str, tuple[int, str]] | None, logical_map: LogicalMap) -> None:
+    def __init__(self, store: S3Store, known: dict[str, tuple[int, str | None]] | None,
+                 logical_map: LogicalMap) -> None:
         self.store = store
         self.known = known  # path -> (size, ETag) from a LIST of images/, or None: HEAD each object
         self.logical_map = logical_map
@@ -98,7 +99,7 @@ class _Uploads:
             size, etag = listed if listed is not None else (None, None)
         else:
             head = self.store.stat(entry.path)
-            size, etag = (int(head["size"]), str(head["etag"] or "")) if head is not None else (None, None)
+            size, etag = (int(head["size"]), head["etag"]) if head is not None else (None, None)
         if size is None:
             return False, None
         if size != entry.bytes:
@@ -154,7 +155,7 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
 
     store = S3Store(config, max_pool=workers + 4)
     store.check_bucket()
-    known: dict[str, tuple[int, str]] | None = None
+    known: dict[str, tuple[int, str | None]] | None = None
     if count > HEAD_LIMIT:
         known = {}
         for rel, size, etag in store.list_objects("images/"):

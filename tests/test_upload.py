@@ -598,3 +598,19 @@ def test_a_hash_cache_that_fills_up_costs_a_warning_not_the_upload(
         report = upload(config, root, workers=4, show_progress=False)
     assert (report.uploaded, report.entries, report.manifest_uploaded) == (HEAD_LIMIT + 20, HEAD_LIMIT + 20, True)
     assert len(bucket_objects(moto_client, bucket)) == HEAD_LIMIT + 21
+
+
+def test_etags_are_quoted_as_the_manifest_records_them_whatever_the_server_sends() -> None:
+    """Some S3-compatible servers send ETags bare: S3Store quotes every ETag it returns, so the manifest
+    the uploader writes is valid and the reader's comparisons hold whichever call saw the ETag."""
+    from s3fsimg.manifest import parse_entry
+    from s3fsimg.s3 import quoted_etag
+
+    assert quoted_etag('"9a8b"') == '"9a8b"'
+    assert quoted_etag("9a8b") == '"9a8b"'
+    assert quoted_etag('"9a8b-2"') == '"9a8b-2"'
+    assert [quoted_etag(v) for v in (None, "", '""', 'a"b', 42)] == [None] * 5
+    sha = hashlib.sha256(b"x").hexdigest()
+    line = {"sha256": sha, "path": f"images/{sha[:2]}/{sha[2:4]}/{sha}.png", "bytes": 1, "content_type": "image/png",
+            "etag": quoted_etag("bare-etag")}
+    assert parse_entry(line).etag == '"bare-etag"'
