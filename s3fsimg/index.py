@@ -44,7 +44,7 @@ from s3fsimg.errors import ManifestError, NotFound, S3fsimgError
 from s3fsimg.manifest import Entry, extension_for
 
 #: Bump when the schema or the inode layout changes; an index of another version is rebuilt.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 ROOT_INODE = 1
 IMAGES_INODE = 2
@@ -72,8 +72,8 @@ CREATE TABLE metadata(
 
 -- One row per manifest line (blank lines skipped), in manifest order. `path` is not stored: it is
 -- images/ab/cd/<sha256>.<ext of content_type>, which the manifest parser has checked. An object (a
--- distinct sha256) is the row of its first line: inode OBJ_BASE + id, stat attributes from that row
--- (xattrs: each field from the first of its rows that has it, `Index.xattrs`).
+-- distinct sha256) is the row of its first line: inode OBJ_BASE + id, attributes from that row (and
+-- `objattrs` for the extended attributes its first line lacks).
 CREATE TABLE entries(
     id           INTEGER PRIMARY KEY,  -- 0-based position among the entries: nth_entry(id)
     sha256       BLOB NOT NULL,        -- object hash, 32 raw bytes (index entries_sha256: images/, in hash order)
@@ -94,6 +94,16 @@ CREATE TABLE entries(
 -- One row per distinct logical id: the by-id/<logical_id> directories, in readdir order.
 CREATE TABLE lids(
     id INTEGER PRIMARY KEY       -- entries.id of the first line with this logical id
+);
+
+-- For an object named on several lines whose first line lacks one of these fields: each from the
+-- first of its lines that gives it (its extended attributes are per object; `Index.xattrs`).
+CREATE TABLE objattrs(
+    id         INTEGER PRIMARY KEY,  -- entries.id of the object's first line
+    logical_id TEXT,
+    width      INTEGER,
+    height     INTEGER,
+    etag       TEXT
 );
 
 -- One row per by-path directory (its files are the entries rows with parent_k = k).
@@ -525,13 +535,12 @@ class Index:
         return self._object_entry(row)
 
     def _object_entry(self, row: tuple[Any, ...]) -> Entry:
-        """The Entry of an object's first row (`id, _ENTRY_COLUMNS`). When that line has no etag, the
-        first later line's that has one: the reader checks every S3 response against it."""
+        """The Entry of an object's first row (`id, _ENTRY_COLUMNS`). When that line has no etag, a later
+        line's (`objattrs`): the reader checks every S3 response against it."""
         entry = _entry(row[1:])
         if entry.etag is None:
-            later = self._db().execute("SELECT etag FROM entries WHERE sha256=? AND id>? AND etag IS NOT NULL "
-                                       "ORDER BY id LIMIT 1", (row[1], row[0])).fetchone()
-            if later is not None:
+            later = self._db().execute("SELECT etag FROM objattrs WHERE id=?", (row[0],)).fetchone()
+            if later is not None and later[0] is not None:
                 entry = dataclasses.replace(entry, etag=later[0])
         return entry
 
@@ -540,9 +549,8 @@ class Index:
 
         Per object, not per line, as the object is one inode under all its names: logical_id, width,
         height and etag each come from the object's first line that has the field (its lines share its
-        bytes, so width, height and etag agree). Its first row, then, only when that row lacks one of
-        them, its later rows in manifest order through the sha256 index (`sha256 = ? AND id > ?` is a
-        range of that index, already in id order) until every field is found."""
+        bytes, so width, height and etag agree): its first row, and `objattrs` (built with the index)
+        for what that row lacks. At most two primary-key probes, however many lines name the object."""
         if not self.is_object(inode):
             return {}
         first = inode - OBJ_BASE
@@ -551,16 +559,13 @@ class Index:
                          "WHERE id=? AND nlink IS NOT NULL", (first,)).fetchone()
         if row is None:
             return {}
-        sha, ctype = row[0], row[1]
         found: list[Any] = list(row[2:])
         if None in found:
-            for later in db.execute("SELECT logical_id, width, height, etag FROM entries WHERE sha256=? AND id>? "
-                                    "ORDER BY id", (sha, first)):
-                found = [v if v is not None else w for v, w in zip(found, later, strict=True)]
-                if None not in found:
-                    break
-        values = {"sha256": bytes(sha).hex(), "logical_id": found[0], "width": found[1], "height": found[2],
-                  "content_type": ctype, "etag": found[3]}
+            extra = db.execute("SELECT logical_id, width, height, etag FROM objattrs WHERE id=?", (first,)).fetchone()
+            if extra is not None:
+                found = [v if v is not None else w for v, w in zip(found, extra, strict=True)]
+        values = {"sha256": bytes(row[0]).hex(), "logical_id": found[0], "width": found[1], "height": found[2],
+                  "content_type": row[1], "etag": found[3]}
         return {f"user.s3fsimg.{k}": str(v).encode() for k, v in values.items() if v is not None}
 
     def by_sha256(self, sha256: str) -> Entry | None:

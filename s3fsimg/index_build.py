@@ -381,6 +381,12 @@ def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_cou
     db.execute("UPDATE entries SET nlink = NULL, obj = (SELECT first FROM dups WHERE dups.sha256 = entries.sha256) "
                "WHERE id IN (SELECT e.id FROM dups d CROSS JOIN entries e ON e.sha256 = d.sha256 "
                "WHERE e.id != d.first)")
+    # Extended attributes are per object: what an object's first line lacks, from its first later line
+    # that gives it (the hash index finds its lines in manifest order).
+    first_given = " ".join(f"(SELECT e.{c} FROM entries e WHERE e.sha256 = d.sha256 AND e.{c} IS NOT NULL "
+                     f"ORDER BY e.id LIMIT 1)," for c in ("logical_id", "width", "height", "etag")).rstrip(",")
+    db.execute(f"INSERT INTO objattrs SELECT d.first, {first_given} FROM dups d CROSS JOIN entries f ON f.id = d.first "
+               "WHERE f.logical_id IS NULL OR f.width IS NULL OR f.height IS NULL OR f.etag IS NULL")
     db.execute("DROP TABLE dups")
     lap("objects")
     db.execute(INDEXES[1])
