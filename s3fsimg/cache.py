@@ -132,6 +132,10 @@ class DiskCache:
             for sub in ("objects", "blocks", "tmp", "locks"):
                 private_dirs(self.base / sub)
             ledger = self.base / "ledger.sqlite"
+            # Every user of the cache holds this lock shared while it is open: a broken ledger is
+            # reset (`_reset`) only by a process that can take it exclusively, i.e. by no other user.
+            self._users_fd = os.open(self.base / "locks" / "ledger", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
             try:
                 self._open_ledger(ledger)
             except sqlite3.OperationalError:  # locked, read-only, I/O error: not a reason to drop anything
@@ -139,7 +143,11 @@ class DiskCache:
             except sqlite3.DatabaseError as exc:  # not a database, or corrupt: start the cache again
                 self._reset(ledger, exc)
                 self._open_ledger(ledger)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, CacheError) as exc:
+            if hasattr(self, "_users_fd"):
+                os.close(self._users_fd)
+            if isinstance(exc, CacheError):
+                raise
             raise CacheError(f"{self.root}: cannot use the cache directory: {exc}") from None
         self._clean_tmp()
         self._check_boot()
@@ -159,21 +167,39 @@ class DiskCache:
             self._db.close()
             raise
 
+    def _ledger_usable(self, ledger: Path) -> bool:
+        try:
+            self._open_ledger(ledger)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError:
+            return False
+        self._db.close()
+        return True
+
     def _reset(self, ledger: Path, why: Exception) -> None:
         """A ledger that is not a database (a torn copy, a stray file) counts nothing, so the files it
-        counted would be outside the bound: they are dropped with it (it is a cache), under a lock so
-        that processes opening the cache at once reset it once."""
-        fd = os.open(self.base / "locks" / "ledger", os.O_RDWR | os.O_CREAT, 0o600)
+        counted would be outside the bound: they are dropped with it (it is a cache). Only when no other
+        process uses the cache (the users' lock taken exclusively, waiting a few seconds for others
+        that are opening it too); a process that found it reset meanwhile just uses it."""
+        fd = self._users_fd
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if self._ledger_usable(ledger) or time.monotonic() > deadline:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    if self._ledger_usable(ledger):
+                        return
+                    raise CacheError(f"{ledger}: the cache's ledger is unusable ({why}) and other processes "
+                                     "are using the cache; stop them, then run s3fsimg cache clear") from None
+                time.sleep(0.05)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:  # another process may have reset it while we waited
-                self._open_ledger(ledger)
-                self._db.close()
+            if self._ledger_usable(ledger):  # another process reset it while we waited
                 return
-            except sqlite3.OperationalError:
-                raise
-            except sqlite3.DatabaseError:
-                pass
             log.warning("cache: the ledger %s is unusable (%s); starting the cache again (its files are dropped)",
                         ledger, why)
             for suffix in ("", "-wal", "-shm"):
@@ -186,7 +212,7 @@ class DiskCache:
                 private_dirs(self.base / sub)
                 shutil.rmtree(doomed, ignore_errors=True)
         finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_SH)
 
     def _init_ledger(self) -> None:
         """WAL mode and the schema. Switching to WAL needs an exclusive lock and may answer SQLITE_BUSY
@@ -208,6 +234,7 @@ class DiskCache:
         with self._lock:
             self.closed = True
             self._db.close()
+            os.close(self._users_fd)  # the users' lock (see __init__)
 
     def __enter__(self) -> DiskCache:
         return self

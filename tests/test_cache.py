@@ -335,3 +335,31 @@ def test_an_unusable_ledger_starts_the_cache_again(tmp_path: Path) -> None:
         assert cache.put_object_bytes(data, hashlib.sha256(data).hexdigest(), "jpg") == path
     with DiskCache(root, 1 << 20) as cache:  # and it stays usable
         assert cache.stats()["files"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_an_unusable_ledger_is_not_reset_under_another_user(tmp_path: Path) -> None:
+    """Another process still has the cache open (its ledger connection would keep counting into the old,
+    unlinked file): the reset waits a few seconds for it, then fails with a clear message, and happens
+    once the cache is no longer in use."""
+    import fcntl
+
+    root = tmp_path / "cache"
+    data = b"y" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    with DiskCache(root, 1 << 20) as cache:
+        assert cache.put_object_bytes(data, sha, "jpg") is not None
+    ledger = root / "v1" / "ledger.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+    ledger.write_bytes(b"garbage, not SQLite " * 100)
+    user = os.open(root / "v1" / "locks" / "ledger", os.O_RDWR)  # what every open DiskCache holds
+    try:
+        fcntl.flock(user, fcntl.LOCK_SH)
+        with pytest.raises(CacheError, match="other processes are using the cache"):
+            DiskCache(root, 1 << 20)
+        assert (root / "v1" / "objects" / sha[:2] / sha[2:4] / f"{sha}.jpg").exists()  # nothing dropped
+    finally:
+        os.close(user)
+    with expect_logs(r"ledger .* is unusable", count=1), DiskCache(root, 1 << 20) as cache:
+        assert cache.stats()["files"] == 0
