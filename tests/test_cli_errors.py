@@ -37,7 +37,8 @@ def image_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(60)
-def test_manifest_out_in_a_missing_directory(image_dir: Path, tmp_path: Path) -> None:
+def test_manifest_out_in_a_directory_that_cannot_be_created(image_dir: Path, tmp_path: Path) -> None:
+    """A missing directory is created; one under /proc cannot be: the OSError is one line naming it."""
     one_line_error(s3fsimg("manifest", str(image_dir), "--out", "/proc/no-such-dir/m.jsonl", cwd=tmp_path),
                    1, "/proc/no-such-dir", "No such file or directory")
 
