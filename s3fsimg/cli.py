@@ -121,7 +121,7 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
     """Hash every image under DIRECTORY and write the JSONL manifest (no S3 access)."""
     from s3fsimg.manifest import write_manifest_file
     from s3fsimg.progress import progress_bar
-    from s3fsimg.scan import prepare, scan
+    from s3fsimg.scan import prepare, scan, shown
 
     config = _config(flags)
     out = out or Path(config.manifest_key)
@@ -139,21 +139,15 @@ def manifest_cmd(directory: Path, out: Path | None, **flags: Any) -> None:
                 else:
                     yield result.entry
 
-        # Written beside `out`, moved over it only when it names an image: an empty manifest is invalid
-        # (validate refuses it) and must not replace a good one.
-        staged = out.with_name(f".{out.name}.{os.getpid()}.new")
-        try:
-            n = write_manifest_file(entries(), staged)
-            if n:
-                os.replace(staged, out)
-        finally:
-            staged.unlink(missing_ok=True)
+        # an empty manifest is invalid (validate refuses it) and must not replace a good one
+        n = write_manifest_file(entries(), out, write_empty=False)
     for rel, reason in skipped:
         click.echo(f"skipped {rel}: {reason}", err=True)
     if note := lmap.unmatched_note():
         click.echo(note, err=True)
     if n == 0:
-        raise UsageError(f"{directory}: no images found ({len(skipped)} files skipped); no manifest written")
+        raise UsageError(f"{shown(os.fspath(directory))}: no images found ({len(skipped)} files skipped); "
+                         "no manifest written")
     click.echo(f"wrote {out}: {n} entries, {len(skipped)} files skipped")
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
-from s3fsimg.errors import ConfigError
+from s3fsimg.errors import ConfigError, quoted
 from s3fsimg.units import parse_duration, parse_size
 
 ADDRESSING_STYLES = ("auto", "path", "virtual")
@@ -117,7 +117,7 @@ class Config:
         manifest_key = str(get("manifest_key") or DEFAULT_MANIFEST_KEY).lstrip("/")
         bucket = get("bucket") or None
         if bucket is not None and not (_BUCKET_RE.match(bucket) or bucket.startswith("arn:")):
-            raise ConfigError(f"{src('bucket')}: {_shorten(bucket)!r} is not a bucket name (letters, digits, "
+            raise ConfigError(f"{src('bucket')}: {quoted(bucket)} is not a bucket name (letters, digits, "
                               "'.', '-' and '_', at most 255)")
         endpoint = get("endpoint_url") or None
         if endpoint is not None:
@@ -169,10 +169,6 @@ def private_dirs(path: Path) -> Path:
     return path
 
 
-def _shorten(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def _check_endpoint(url: str, where: str) -> None:
     """An http(s) URL with a host and a valid port, and no user name or password (S3 signs requests
     with AWS credentials; a password in the URL would end up in messages). The URL is not echoed
@@ -186,6 +182,6 @@ def _check_endpoint(url: str, where: str) -> None:
     except ValueError:  # its text may quote the port part, which is not echoed either
         raise ConfigError(f"{where}: not a valid URL (a bad port or host)") from None
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"{where}: {_shorten(url)!r} is not an http:// or https:// URL")
+        raise ConfigError(f"{where}: {quoted(url)} is not an http:// or https:// URL")
     if not parts.hostname or any(c.isspace() for c in url) or (port is not None and port == 0):
-        raise ConfigError(f"{where}: {_shorten(url)!r} is not a valid URL (no host, a space, or port 0)")
+        raise ConfigError(f"{where}: {quoted(url)} is not a valid URL (no host, a space, or port 0)")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from s3fsimg.config import Config
-from s3fsimg.errors import NotFound, UsageError
-from s3fsimg.manifest import SHA256_RE, Entry
+from s3fsimg.errors import NotFound, UsageError, quoted
+from s3fsimg.manifest import SHA256_RE, Entry, is_utf8
 from s3fsimg.reader import ObjectReader, Stream
 
 if TYPE_CHECKING:
@@ -118,11 +118,10 @@ class Dataset:
         """The entry named by a sha256 or a logical_id; NotFound names the id."""
         index = self.index
         entry = index.by_sha256(ident) if SHA256_RE.match(ident) else None
-        if entry is None and _is_text(ident):  # a logical_id is UTF-8: other bytes (argv) name nothing
+        if entry is None and is_utf8(ident):  # a logical_id is UTF-8: other bytes (argv) name nothing
             entry = index.by_logical_id(ident)
         if entry is None:
-            shown = ident if len(ident) <= 80 else ident[:80] + "…"
-            raise NotFound(f"{shown!r}: no image with this sha256 or logical_id in "
+            raise NotFound(f"{quoted(ident)}: no image with this sha256 or logical_id in "
                            f"{self.config.where(self.config.manifest_key)}")
         return entry
 
@@ -162,15 +161,6 @@ class Dataset:
             raise UsageError(f"{self.config.where(self.config.manifest_key)}: the manifest has no entries")
         picks = random.Random(seed).sample(range(total), min(n, total))
         return [index.nth_entry(i) for i in picks]
-
-
-def _is_text(ident: str) -> bool:
-    """Whether `ident` is valid Unicode (a command-line argument that is not UTF-8 holds surrogates)."""
-    try:
-        ident.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _RawObjectFile(io.RawIOBase):

@@ -4,7 +4,8 @@ Lower layers raise these; exactly two boundaries translate them:
 - the FUSE boundary (`fs.errno_for`) maps each to an errno;
 - the CLI boundary (`cli.main`) prints `str(error)` as one line and exits with `exit_code`.
 
-Messages say what is wrong and where, and never contain a secret.
+Messages say what is wrong and where, and never contain a secret; a value from the user appears
+through `quoted` (cut short, so a message stays one line).
 """
 
 from __future__ import annotations
@@ -66,3 +67,12 @@ class CacheError(S3fsimgError):
 
 class MountError(S3fsimgError):
     """The filesystem cannot be mounted (mountpoint, /dev/fuse, already mounted)."""
+
+
+def quoted(value: object) -> str:
+    """`repr(value)` for a one-line message, cut short: a message stays one readable line whatever a
+    user's input held (a 10 MB logical_id, a URL)."""
+    text = repr(value)
+    if len(text) <= 100:
+        return text
+    return f"{text[:80]}... ({len(value)} characters)" if isinstance(value, str) else f"{text[:80]}..."

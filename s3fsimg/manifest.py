@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
-from s3fsimg.errors import ManifestError
+from s3fsimg.errors import ManifestError, quoted
 
 # \Z, not $: $ also matches before a final newline, which would let "image/jpeg\n" through.
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -146,6 +146,16 @@ def _path_problem(path: str, sha256: str, content_type: str) -> EntryProblem | N
 MAX_INT = 2**63 - 1
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` is valid Unicode: a file name or command-line argument that was not UTF-8
+    comes back from the OS holding lone surrogates, which a JSON manifest cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(v: Any) -> bool:
     """An integer as JSON Schema counts them: 3 and 3.0, never true/false."""
     if isinstance(v, bool):
@@ -171,7 +181,7 @@ def parse_entry(obj: Any) -> Entry:
         raise EntryProblem("sha256", f"{sha!r} is not 64 lowercase hex digits")
     size = obj["bytes"]
     if not _is_int(size) or not 0 <= size <= MAX_INT:
-        raise EntryProblem("bytes", f"{_short(size)} is not an integer from 0 to 2^63-1")
+        raise EntryProblem("bytes", f"{quoted(size)} is not an integer from 0 to 2^63-1")
     ctype = obj["content_type"]
     if not isinstance(ctype, str) or not _CONTENT_TYPE_RE.match(ctype):
         raise EntryProblem("content_type", f"{ctype!r} is not an image/... content type")
@@ -184,7 +194,7 @@ def parse_entry(obj: Any) -> Entry:
     for name in ("width", "height"):
         v = obj.get(name, _MISSING)
         if v is not _MISSING and (not _is_int(v) or not 1 <= v <= MAX_INT):
-            raise EntryProblem(name, f"{_short(v)} is not an integer from 1 to 2^63-1")
+            raise EntryProblem(name, f"{quoted(v)} is not an integer from 1 to 2^63-1")
     lid = obj.get("logical_id", _MISSING)
     if lid is not _MISSING:
         if not isinstance(lid, str):
@@ -305,8 +315,9 @@ def write_manifest(entries: Iterable[Entry], out: IO[str]) -> int:
     return n
 
 
-def write_manifest_file(entries: Iterable[Entry], path: Path) -> int:
-    """Write atomically: a temporary file in the same directory, fsync, rename."""
+def write_manifest_file(entries: Iterable[Entry], path: Path, *, write_empty: bool = True) -> int:
+    """Write atomically: a temporary file in the same directory, fsync, rename. With `write_empty`
+    False, a manifest of no entries (invalid) is not written, and a file already at `path` stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -314,11 +325,11 @@ def write_manifest_file(entries: Iterable[Entry], path: Path) -> int:
             n = write_manifest(entries, out)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+        if n or write_empty:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return n
 
 
@@ -349,14 +360,6 @@ _PATTERN_MEANING = {
 _FIELD_RANK = {name: i for i, name in enumerate(FIELDS)}
 
 
-def _short(value: Any) -> str:
-    """repr(value), cut short (a message stays one readable line whatever the line holds)."""
-    text = repr(value)
-    if len(text) <= 100:
-        return text
-    return f"{text[:80]}... ({len(value)} characters)" if isinstance(value, str) else f"{text[:80]}..."
-
-
 def line_problems(obj: Any) -> list[EntryProblem]:
     """Every independent problem of one decoded line, in field order: the schema's errors (the first of
     each field: a logical_id '' "should be non-empty", and is not also said not to match the pattern),
@@ -368,11 +371,11 @@ def line_problems(obj: Any) -> list[EntryProblem]:
         key: Any = field
         message = err.message
         if err.validator == "pattern" and field in _PATTERN_MEANING:
-            message = f"{_short(err.instance)} does not match {_PATTERN_MEANING[field]}"
+            message = f"{quoted(err.instance)} does not match {_PATTERN_MEANING[field]}"
         else:
             full = repr(err.instance)
             if len(full) > 100:
-                message = message.replace(full, _short(err.instance))
+                message = message.replace(full, quoted(err.instance))
             if field is None:  # the line as a whole: "'bytes' is a required property", additional properties
                 key = (err.validator, message)
         found.setdefault(key, EntryProblem(field, message))
@@ -385,10 +388,10 @@ def line_problems(obj: Any) -> list[EntryProblem]:
             extra.append(_path_problem(obj["path"], obj["sha256"], obj["content_type"]))
         if ok("logical_id"):
             problem = logical_id_problem(obj["logical_id"])
-            extra.append(EntryProblem("logical_id", f"{_short(obj['logical_id'])} {problem}") if problem else None)
+            extra.append(EntryProblem("logical_id", f"{quoted(obj['logical_id'])} {problem}") if problem else None)
         if ok("source_path"):
             problem = source_path_problem(obj["source_path"])
-            extra.append(EntryProblem("source_path", f"{_short(obj['source_path'])} {problem}") if problem else None)
+            extra.append(EntryProblem("source_path", f"{quoted(obj['source_path'])} {problem}") if problem else None)
         for p in extra:
             if p is not None:
                 found[p.field] = p

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from s3fsimg.errors import ConfigError, UsageError
-from s3fsimg.manifest import Entry, logical_id_problem, object_path, source_path_problem
+from s3fsimg.manifest import Entry, is_utf8, logical_id_problem, object_path, source_path_problem
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,15 @@ class LogicalMap:
                     raise UsageError(f"{self.source}:{lineno}: {base!r} is ambiguous: it matches "
                                      f"{seen[base]!r} and {rel!r} (name them by relative path)")
                 seen[base] = rel
-        self.unmatched = sorted(((name, line) for name, (_, line) in self.by_path.items() if name not in paths_seen),
+        self.unmatched = sorted([(name, line) for name, (_, line) in self.by_path.items() if name not in paths_seen]
+                                + [(name, line) for name, (_, line) in self.by_name.items() if name not in seen],
                                 key=lambda item: item[1])
-        self.unmatched += sorted(((name, line) for name, (_, line) in self.by_name.items() if name not in seen),
-                                 key=lambda item: item[1])
 
     def unmatched_note(self) -> str | None:
         """One line for the commands' output when rows matched no file, else None."""
         if not self.unmatched:
             return None
-        name, line = min(self.unmatched, key=lambda item: item[1])
+        name, line = self.unmatched[0]
         return (f"note: {len(self.unmatched)} row(s) of the logical map {self.source} match no file "
                 f"(first: {shown(name)!r}, line {line})")
 
@@ -156,15 +155,6 @@ def shown(name: str) -> str:
         return name
     text = os.fsencode(name).decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def is_utf8(name: str) -> bool:
-    """Whether a name from os.listdir was valid UTF-8 (undecodable bytes come back as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 _KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
