@@ -28,6 +28,8 @@ Invariants (what makes it safe from many processes and after SIGKILL at any inst
 - The ledger row of a file is written *before* the rename, so a killed process can leave a row
   without a file (harmless: eviction skips it) but never a file the bound does not count. A row
   another process evicted before the rename is written again after it (`_commit`).
+- A file's last use is recorded at most every few seconds, in batches (`touch`): the LRU order is
+  precise to seconds, which is all it needs.
 - Eviction (least recently used first) runs under SQLite's write lock (`BEGIN IMMEDIATE`), so
   processes evicting at once never double-count; it unlinks files, and a reader that already has a
   file open keeps reading it (Linux keeps unlinked open files), so data in use is never pulled
@@ -67,6 +69,8 @@ LAYOUT = "v1"
 _BLOCK_MAGIC = b"S3B1"
 _HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
 _TOUCH_INTERVAL = 5.0  # seconds between ledger updates of one file's last use
+_TOUCH_BATCH = 256  # pending uses that make touch() write them at once
+_TOUCH_DELAY = 1.0  # seconds after which touch() writes the pending uses
 _DIRTY_WINDOW = 300.0  # seconds of writes the kernel may not have flushed at a crash (with margin)
 
 
@@ -123,7 +127,9 @@ class DiskCache:
         self.pid = os.getpid()
         self._lock = threading.RLock()
         self._pinned: dict[str, int] = {}
-        self._touched: dict[str, float] = {}
+        self._touched: dict[str, float] = {}  # name -> last use this process recorded (see touch)
+        self._pending_touches: dict[str, float] = {}  # uses not yet written to the ledger
+        self._touches_flushed = time.time()
         self.caching = True  # False after a disk error we could not recover from
         self.closed = False
         try:
@@ -231,6 +237,9 @@ class DiskCache:
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the ledger. Writes still running in read-ahead threads then store nothing, quietly."""
+        if self.closed:
+            return
+        self.flush_touches()
         with self._lock:
             self.closed = True
             self._db.close()
@@ -503,16 +512,34 @@ class DiskCache:
         self._touched[name] = now
 
     def touch(self, name: str) -> None:
-        """Mark a file as used (LRU); at most one ledger write per file per few seconds."""
+        """Mark a file as used (LRU): at most once per file per `_TOUCH_INTERVAL`, and written to the
+        ledger in batches (a transaction each costs ~20 us, a third of a warm read of an image; batched,
+        ~2 us): when `_TOUCH_BATCH` uses are pending or `_TOUCH_DELAY` has passed, before this process
+        evicts, and on close."""
         now = time.time()
         if now - self._touched.get(name, 0.0) < _TOUCH_INTERVAL:
             return
         self._touched[name] = now
+        with self._lock:
+            self._pending_touches[name] = now
+            due = len(self._pending_touches) >= _TOUCH_BATCH or now - self._touches_flushed >= _TOUCH_DELAY
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the pending uses to the ledger, in one transaction."""
         try:
             with self._lock:
-                self._db.execute("UPDATE files SET atime=? WHERE name=?", (now, name))
-        except sqlite3.Error as exc:
+                if self._pending_touches and not self.closed:
+                    with self._write() as db:
+                        self._flush_touches_locked(db)
+                self._touches_flushed = time.time()
+        except sqlite3.Error as exc:  # the LRU order is only a little less precise
             log.debug("cache: ledger touch failed: %s", exc)
+
+    def _flush_touches_locked(self, db: sqlite3.Connection) -> None:
+        pending, self._pending_touches = self._pending_touches, {}
+        db.executemany("UPDATE files SET atime=max(atime, ?) WHERE name=?", [(t, n) for n, t in pending.items()])
 
     def evict(self, extra: int = 0, force_fraction: float = 0.0) -> int:
         """Evict until total + extra <= max_bytes (and at least force_fraction of the total). Returns bytes freed."""
@@ -522,6 +549,8 @@ class DiskCache:
             return self._evict_locked(db, need) if need > 0 else 0
 
     def _evict_locked(self, db: sqlite3.Connection, need: int) -> int:
+        if self._pending_touches:  # this process's recent uses count before anything is chosen
+            self._flush_touches_locked(db)
         freed = 0
         skip: set[str] = set()
         while freed < need:

@@ -363,3 +363,28 @@ def test_an_unusable_ledger_is_not_reset_under_another_user(tmp_path: Path) -> N
         os.close(user)
     with expect_logs(r"ledger .* is unusable", count=1), DiskCache(root, 1 << 20) as cache:
         assert cache.stats()["files"] == 0
+
+
+def test_recently_used_files_are_evicted_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LRU through the batched ledger: a use recorded in memory counts when this process evicts, and
+    a use is in the ledger, for other processes, once the cache is closed."""
+    import s3fsimg.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_TOUCH_INTERVAL", 0.0)
+    root = tmp_path / "cache"
+    blobs = {k: k.encode() * 400 for k in "abcd"}  # 400 bytes each
+    shas = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    with DiskCache(root, 1000) as cache:
+        for k in "ab":
+            assert cache.put_object_bytes(blobs[k], shas[k], "jpg") is not None
+            time.sleep(0.01)
+        assert cache.object_path(shas["a"], "jpg") is not None  # "a" used after "b" (pending, not written)
+        time.sleep(0.01)
+        cache.put_object_bytes(blobs["c"], shas["c"], "jpg")  # 1200 > 1000: the least recent goes
+        present = {k for k in "abc" if (root / "v1" / cache.object_name(shas[k], "jpg")).exists()}
+        assert present == {"a", "c"}
+        assert cache.object_path(shas["a"], "jpg") is not None  # pending at close
+    with DiskCache(root, 1000) as other:  # another process now: "c" is the least recently used
+        other.put_object_bytes(blobs["d"], shas["d"], "jpg")
+        present = {k for k in "acd" if (root / "v1" / other.object_name(shas[k], "jpg")).exists()}
+        assert present == {"a", "d"}
