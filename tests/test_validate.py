@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +28,7 @@ from s3fsimg.manifest import (
     parse_line,
     schema_validator,
 )
-
-SHA = hashlib.sha256(b"x").hexdigest()
-SHA2 = hashlib.sha256(b"y").hexdigest()
-
-
-def good(**fields: Any) -> dict[str, Any]:
-    sha = fields.pop("sha256", SHA)
-    base = {"sha256": sha, "path": object_path(sha, "image/jpeg"), "bytes": 10, "content_type": "image/jpeg"}
-    base.update(fields)
-    return {k: v for k, v in base.items() if v is not None}
+from tests.test_manifest import SHA, SHA2, good, run_validate
 
 
 def canonical(**fields: Any) -> bytes:
@@ -59,13 +48,6 @@ def check(*lines: dict[str, Any] | str | bytes) -> list[Problem]:
 
 def fields_of(problems: list[Problem], lineno: int = 1) -> list[str | None]:
     return [p.field for p in problems if p.lineno == lineno]
-
-
-def run_validate(tmp_path: Path, lines: list[str]) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "m.jsonl"
-    path.write_text("".join(line + "\n" for line in lines))
-    return subprocess.run([sys.executable, "-m", "s3fsimg", "validate", str(path)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
 
 
 # -- every independent problem of a line ----------------------------------------------------------------
