@@ -29,7 +29,8 @@ Invariants (what makes it safe from many processes and after SIGKILL at any inst
   without a file (harmless: eviction skips it) but never a file the bound does not count. A row
   another process evicted before the rename is written again after it (`_commit`).
 - A file's last use is recorded at most every few seconds, in batches (`touch`): the LRU order is
-  precise to seconds, which is all it needs.
+  precise to seconds while a process is busy; an idle process's last uses are written at its next
+  use, eviction or close.
 - Eviction (least recently used first) runs under SQLite's write lock (`BEGIN IMMEDIATE`), so
   processes evicting at once never double-count; it unlinks files, and a reader that already has a
   file open keeps reading it (Linux keeps unlinked open files), so data in use is never pulled
@@ -130,7 +131,6 @@ class DiskCache:
         self._touched: dict[str, float] = {}  # name -> last use this process recorded (see touch)
         self._pending_touches: dict[str, float] = {}  # uses not yet written to the ledger
         self._touches_flushed = time.time()
-        self.caching = True  # False after a disk error we could not recover from
         self.closed = False
         try:
             # Directories it creates are 0700; an existing cache root keeps its mode (it may be
@@ -148,7 +148,6 @@ class DiskCache:
                 raise
             except sqlite3.DatabaseError as exc:  # not a database, or corrupt: start the cache again
                 self._reset(ledger, exc)
-                self._open_ledger(ledger)
         except (OSError, sqlite3.Error, CacheError) as exc:
             if hasattr(self, "_users_fd"):
                 os.close(self._users_fd)
@@ -174,20 +173,22 @@ class DiskCache:
             raise
 
     def _ledger_usable(self, ledger: Path) -> bool:
+        """Open the ledger as `self._db` and keep it open; False (nothing open) when it is not a database."""
         try:
             self._open_ledger(ledger)
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError:
             return False
-        self._db.close()
         return True
 
     def _reset(self, ledger: Path, why: Exception) -> None:
         """A ledger that is not a database (a torn copy, a stray file) counts nothing, so the files it
         counted would be outside the bound: they are dropped with it (it is a cache). Only when no other
         process uses the cache (the users' lock taken exclusively, waiting a few seconds for others
-        that are opening it too); a process that found it reset meanwhile just uses it."""
+        that are opening it too); a process that finds it reset meanwhile (probed while it holds the
+        lock shared, so nobody is resetting) just uses it. Returns with the ledger open as `self._db`
+        and the lock held shared."""
         fd = self._users_fd
         fcntl.flock(fd, fcntl.LOCK_UN)
         deadline = time.monotonic() + 5.0
@@ -196,13 +197,19 @@ class DiskCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if self._ledger_usable(ledger) or time.monotonic() > deadline:
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                    if self._ledger_usable(ledger):
-                        return
-                    raise CacheError(f"{ledger}: the cache's ledger is unusable ({why}) and other processes "
-                                     "are using the cache; stop them, then run s3fsimg cache clear") from None
-                time.sleep(0.05)
+                pass
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process holds it exclusively: it is resetting
+                pass
+            else:
+                if self._ledger_usable(ledger):
+                    return
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if time.monotonic() > deadline:
+                raise CacheError(f"{ledger}: the cache's ledger is unusable ({why}) and other processes "
+                                 "are using the cache; stop them, then run s3fsimg cache clear") from None
+            time.sleep(0.05)
         try:
             if self._ledger_usable(ledger):  # another process reset it while we waited
                 return
@@ -211,14 +218,20 @@ class DiskCache:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{ledger}{suffix}")
-            for sub in ("objects", "blocks"):
-                doomed = self.base / "tmp" / f"{self.pid}-reset-{secrets.token_hex(4)}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self.base / sub, doomed)
-                private_dirs(self.base / sub)
-                shutil.rmtree(doomed, ignore_errors=True)
+            self._empty_trees()
+            self._open_ledger(ledger)
         finally:
             fcntl.flock(fd, fcntl.LOCK_SH)
+
+    def _empty_trees(self) -> None:
+        """objects/ and blocks/ emptied: each renamed aside (one step, so no reader sees half of it),
+        made again (0700), and the old one removed."""
+        for sub in ("objects", "blocks"):
+            doomed = self.base / "tmp" / f"{self.pid}-empty-{secrets.token_hex(4)}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.base / sub, doomed)
+            private_dirs(self.base / sub)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _init_ledger(self) -> None:
         """WAL mode and the schema. Switching to WAL needs an exclusive lock and may answer SQLITE_BUSY
@@ -384,6 +397,8 @@ class DiskCache:
         """Store verified bytes as the complete object (temp file, rename); None if the disk cannot take
         it. The object's blocks are dropped first, so the cache never holds an object twice (whole and
         in blocks) against its bound; a crash in between loses only cached data."""
+        if self.closed:  # a read-ahead thread finishing after close(): store nothing, quietly
+            return None
         name = self.object_name(sha256, ext)
         self.drop_blocks(sha256)
         if not self._write_file(name, data, fsync=False):
@@ -426,8 +441,6 @@ class DiskCache:
 
     def put_block(self, sha256: str, block_size: int, index: int, data: bytes) -> bool:
         """Store a block atomically; False if it could not be cached (disk full, I/O error)."""
-        if not self.caching:
-            return False
         name = self.block_name(sha256, block_size, index)
         payload = _HEADER.pack(_BLOCK_MAGIC, zlib.crc32(data)) + data
         return self._write_file(name, payload, fsync=False)
@@ -514,8 +527,9 @@ class DiskCache:
     def touch(self, name: str) -> None:
         """Mark a file as used (LRU): at most once per file per `_TOUCH_INTERVAL`, and written to the
         ledger in batches (a transaction each costs ~20 us, a third of a warm read of an image; batched,
-        ~2 us): when `_TOUCH_BATCH` uses are pending or `_TOUCH_DELAY` has passed, before this process
-        evicts, and on close."""
+        ~2 us): by the use that finds `_TOUCH_BATCH` uses pending or `_TOUCH_DELAY` passed since the
+        last write, before this process evicts, and on close. There is no timer: an idle process's
+        last uses wait for one of those (other processes meanwhile see its earlier use times)."""
         now = time.time()
         if now - self._touched.get(name, 0.0) < _TOUCH_INTERVAL:
             return
@@ -579,7 +593,8 @@ class DiskCache:
             with self._write() as db:
                 db.execute("DELETE FROM files WHERE name=?", (name,))
         except sqlite3.Error as exc:
-            log.warning("cache: ledger update failed: %s", exc)
+            if not self.closed:  # after close(), a late read-ahead thread's drop: nothing to report
+                log.warning("cache: ledger update failed: %s", exc)
 
     # -- cross-process single flight -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -626,12 +641,6 @@ class DiskCache:
         freed = 0
         with self._write() as db:
             freed = db.execute("SELECT bytes FROM totals").fetchone()[0]
-            for sub in ("objects", "blocks"):
-                target = self.base / sub
-                doomed = self.base / "tmp" / f"{self.pid}-clear-{secrets.token_hex(4)}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(target, doomed)
-                target.mkdir(mode=0o700, exist_ok=True)
-                shutil.rmtree(doomed, ignore_errors=True)
+            self._empty_trees()
             db.execute("DELETE FROM files")
         return int(freed)

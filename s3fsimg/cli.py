@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -77,10 +77,7 @@ def _run(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except S3fsimgError as exc:
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
-                log.debug("error detail", exc_info=True)
-            click.echo(f"s3fsimg: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             # Exit now: transfers still running in worker threads would otherwise be waited for (a
             # large object over a slow link: a minute). Leaving them is what a kill does, and every
@@ -93,13 +90,17 @@ def _run(fn: F) -> F:
         except BrokenPipeError:
             sys.exit(1)
         except OSError as exc:  # a path the user named (--out, --log-file...): what and where, one line
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
-                log.debug("error detail", exc_info=True)
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"s3fsimg: error: {where}{exc.strerror or exc}", err=True)
-            sys.exit(1)
+            _fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc), 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr and the exit code; the traceback only in a debug log."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        log.debug("error detail", exc_info=True)
+    click.echo(f"s3fsimg: error: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -35,12 +35,13 @@ import pyfuse3
 import trio
 
 from s3fsimg.errors import S3fsimgError
-from s3fsimg.index import MANIFEST_INODE, ROOT_INODE, Attr, Index
+from s3fsimg.index import MANIFEST_INODE, ROOT_INODE, XATTR_PREFIX, Attr, Index
 from s3fsimg.manifest import Entry
 
 log = logging.getLogger(__name__)
 
 STATS_XATTR = b"user.s3fsimg.stats"
+_XATTR_PREFIX = XATTR_PREFIX.encode()
 #: Content never changes for a given manifest: let the kernel keep names and attributes for a day.
 CACHE_TIMEOUT = 24 * 3600.0
 BLOCK_SIZE = 128 * 1024  # st_blksize: the unit `cp` and friends read in
@@ -225,6 +226,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == STATS_XATTR:
             return json.dumps(self.stats(), sort_keys=True).encode()
+        if not name.startswith(_XATTR_PREFIX):  # security.selinux, ACLs... (`ls -l` asks): no index query
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         self._attr(inode)
         value = self.index.xattrs(inode).get(name.decode("utf-8", "surrogateescape"))
         if value is None:

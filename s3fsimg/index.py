@@ -32,7 +32,6 @@ B-tree probes (microseconds with a warm page cache), cheap enough for the trio t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -54,6 +53,9 @@ MANIFEST_INODE = 5
 AB_BASE = 16  # images/ab -> AB_BASE + 0xab
 ABCD_BASE = AB_BASE + 256  # images/ab/cd -> ABCD_BASE + 0xabcd
 OBJ_BASE = 1 << 17  # first object inode; everything below is a fixed directory or file
+
+#: The namespace of the objects' extended attributes (`Index.xattrs`)
+XATTR_PREFIX = "user.s3fsimg."
 
 #: Names of the root directory, in readdir order (readdir key = position + 1).
 ROOT_NAMES = ((b"images", IMAGES_INODE), (b"by-id", BY_ID_INODE), (b"by-path", BY_PATH_INODE),
@@ -140,9 +142,12 @@ class Attr:
     sha256: str | None = None  # objects only
 
 
-
-
 _ENTRY_COLUMNS = "sha256, bytes, content_type, width, height, logical_id, etag, source_path"
+#: One entry with its object's etag: the line's own, else its object's first line's, else a later line's
+#: (`objattrs`), so the reader checks S3's responses against it whichever line named the object.
+_ENTRY_SELECT = ("SELECT e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, "
+                 "coalesce(e.etag, o.etag, a.etag), e.source_path FROM entries e "
+                 "JOIN entries o ON o.id = coalesce(e.obj, e.id) LEFT JOIN objattrs a ON a.id = o.id")
 
 
 def _entry(row: tuple[Any, ...] | sqlite3.Row) -> Entry:
@@ -528,60 +533,45 @@ class Index:
         """The manifest entry (first line) of the object `inode`; NotFound if it is not an object."""
         row = None
         if self.is_object(inode):
-            row = self._db().execute(f"SELECT id, {_ENTRY_COLUMNS} FROM entries WHERE id=? AND nlink IS NOT NULL",
+            row = self._db().execute(f"{_ENTRY_SELECT} WHERE e.id=? AND e.nlink IS NOT NULL",
                                      (inode - OBJ_BASE,)).fetchone()
         if row is None:
             raise NotFound(f"inode {inode}: not an object of this manifest")
-        return self._object_entry(row)
-
-    def _object_entry(self, row: tuple[Any, ...]) -> Entry:
-        """The Entry of an object's first row (`id, _ENTRY_COLUMNS`). When that line has no etag, a later
-        line's (`objattrs`): the reader checks every S3 response against it."""
-        entry = _entry(row[1:])
-        if entry.etag is None:
-            later = self._db().execute("SELECT etag FROM objattrs WHERE id=?", (row[0],)).fetchone()
-            if later is not None and later[0] is not None:
-                entry = dataclasses.replace(entry, etag=later[0])
-        return entry
+        return _entry(row)
 
     def xattrs(self, inode: int) -> dict[str, bytes]:
         """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others.
 
         Per object, not per line, as the object is one inode under all its names: logical_id, width,
         height and etag each come from the object's first line that has the field (its lines share its
-        bytes, so width, height and etag agree): its first row, and `objattrs` (built with the index)
-        for what that row lacks. At most two primary-key probes, however many lines name the object."""
+        bytes, so width, height and etag agree): its first row, else `objattrs` (built with the index).
+        One query of two primary-key probes, however many lines name the object."""
         if not self.is_object(inode):
             return {}
-        first = inode - OBJ_BASE
-        db = self._db()
-        row = db.execute("SELECT sha256, content_type, logical_id, width, height, etag FROM entries "
-                         "WHERE id=? AND nlink IS NOT NULL", (first,)).fetchone()
+        row = self._db().execute(
+            "SELECT e.sha256, e.content_type, coalesce(e.logical_id, a.logical_id), coalesce(e.width, a.width), "
+            "coalesce(e.height, a.height), coalesce(e.etag, a.etag) FROM entries e "
+            "LEFT JOIN objattrs a ON a.id = e.id WHERE e.id=? AND e.nlink IS NOT NULL",
+            (inode - OBJ_BASE,)).fetchone()
         if row is None:
             return {}
-        found: list[Any] = list(row[2:])
-        if None in found:
-            extra = db.execute("SELECT logical_id, width, height, etag FROM objattrs WHERE id=?", (first,)).fetchone()
-            if extra is not None:
-                found = [v if v is not None else w for v, w in zip(found, extra, strict=True)]
-        values = {"sha256": bytes(row[0]).hex(), "logical_id": found[0], "width": found[1], "height": found[2],
-                  "content_type": row[1], "etag": found[3]}
-        return {f"user.s3fsimg.{k}": str(v).encode() for k, v in values.items() if v is not None}
+        values = {"sha256": bytes(row[0]).hex(), "logical_id": row[2], "width": row[3], "height": row[4],
+                  "content_type": row[1], "etag": row[5]}
+        return {f"{XATTR_PREFIX}{k}": str(v).encode() for k, v in values.items() if v is not None}
 
     def by_sha256(self, sha256: str) -> Entry | None:
-        """The first entry of the object with this hash (with an etag from a later line if it has none)."""
+        """The first entry of the object with this hash (with the object's etag)."""
         try:
             raw = bytes.fromhex(sha256)
         except ValueError:
             return None
-        row = self._db().execute(f"SELECT id, {_ENTRY_COLUMNS} FROM entries WHERE sha256=? AND nlink IS NOT NULL",
-                                 (raw,)).fetchone()
-        return self._object_entry(row) if row else None
+        row = self._db().execute(f"{_ENTRY_SELECT} WHERE e.sha256=? AND e.nlink IS NOT NULL", (raw,)).fetchone()
+        return _entry(row) if row else None
 
     def by_logical_id(self, logical_id: str) -> Entry | None:
-        """The first entry with this logical id."""
-        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = "
-                                 "(SELECT min(id) FROM entries WHERE logical_id=?)", (logical_id,)).fetchone()
+        """The first entry with this logical id (with its object's etag)."""
+        row = self._db().execute(f"{_ENTRY_SELECT} WHERE e.id = (SELECT min(id) FROM entries WHERE logical_id=?)",
+                                 (logical_id,)).fetchone()
         return _entry(row) if row else None
 
     def inode_for_sha256(self, sha256: str) -> int | None:
@@ -603,7 +593,7 @@ class Index:
         return int(self.metadata.get("name_count", "0")) + 1  # + manifest.jsonl
 
     def iter_entries(self) -> Iterator[Entry]:
-        """Every entry in manifest order, a page at a time."""
+        """Every entry in manifest order, each line as the manifest gives it, a page at a time."""
         db = self._db()
         after = -1
         while True:
@@ -617,13 +607,11 @@ class Index:
 
     def nth_entry(self, i: int) -> Entry:
         """The i-th entry (0-based, manifest order); IndexError when out of range."""
-        row = self._db().execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=?", (i,)).fetchone()
+        row = self._db().execute(f"{_ENTRY_SELECT} WHERE e.id=?", (i,)).fetchone()
         if row is None:
             raise IndexError(i)
         return _entry(row)
 
 
-
-
 __all__ = ["BY_ID_INODE", "BY_PATH_INODE", "FORMAT_VERSION", "IMAGES_INODE", "INDEXES", "MANIFEST_INODE",
-           "OBJ_BASE", "ROOT_INODE", "SCHEMA", "Attr", "Index"]
+           "OBJ_BASE", "ROOT_INODE", "SCHEMA", "XATTR_PREFIX", "Attr", "Index"]

@@ -230,5 +230,4 @@ def _latest_copy(manifests: Path, ident: str) -> dict[str, Any] | None:
     return best
 
 
-
 __all__ = ["ensure_index", "load_index"]

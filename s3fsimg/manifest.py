@@ -280,13 +280,15 @@ def fast_fields(raw: bytes) -> Fields | None:
             None if height is None else int(height), lid_s, etag_s, src_s)
 
 
+def fields_of(e: Entry) -> Fields:
+    """An Entry as `fast_fields` gives a line: its fields without the (derived) path."""
+    return (e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, e.etag, e.source_path)
+
+
 def parse_fields(raw: bytes) -> Fields:
     """`fast_fields`, falling back to `parse_line` (which raises EntryProblem for a bad line)."""
     fields = fast_fields(raw)
-    if fields is None:
-        e = parse_line(raw)
-        fields = (e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, e.etag, e.source_path)
-    return fields
+    return fields if fields is not None else fields_of(parse_line(raw))
 
 
 def iter_entries(path: Path, *, where: str | None = None) -> Iterator[tuple[int, Entry]]:
@@ -511,7 +513,7 @@ class Validator:
         except EntryProblem:
             pass
         else:
-            return (e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, e.etag, e.source_path)
+            return fields_of(e)
         problems = line_problems(obj)
         for p in problems:
             yield Problem(lineno, p.field, p.message)
@@ -551,8 +553,8 @@ class Validator:
                                            "bytes for the same sha256")
         if row[1] != ctype:
             agrees = False
-            yield Problem(lineno, "content_type", f"{ctype!r} differs from line {row[2]}, which gives {row[1]!r} "
-                                                  "for the same sha256 (one object has one type)")
+            yield Problem(lineno, "content_type", f"{quoted(ctype)} differs from line {row[2]}, which gives "
+                                                  f"{quoted(row[1])} for the same sha256 (one object has one type)")
         fill: list[str] = []
         for name, value, (known, known_line) in (("width", width, row[4:6]), ("height", height, row[6:8]),
                                                  ("etag", etag, row[8:10])):
@@ -562,8 +564,8 @@ class Validator:
                 fill.append(name)
             elif value != known:
                 agrees = False
-                yield Problem(lineno, name, f"{value!r} differs from line {known_line}, which gives {known!r} "
-                                            f"for the same sha256 (one object has one {name})")
+                yield Problem(lineno, name, f"{quoted(value)} differs from line {known_line}, which gives "
+                                            f"{quoted(known)} for the same sha256 (one object has one {name})")
         if fill:  # the first line of the object that gives these
             values = {"width": width, "height": height, "etag": etag}
             db.execute(f"UPDATE objects SET {', '.join(f'{n}=?, {n}_line=?' for n in fill)} WHERE sha256=?",
@@ -579,7 +581,7 @@ class Validator:
         if db.execute("INSERT OR IGNORE INTO names VALUES (?,?,0)", (src, lineno)).rowcount == 0:
             is_dir, first = db.execute("SELECT is_dir, lineno FROM names WHERE path=?", (src,)).fetchone()
             what = "is a directory of the source_path on" if is_dir else "is already named on"
-            yield Problem(lineno, "source_path", f"{src!r} {what} line {first}")
+            yield Problem(lineno, "source_path", f"{quoted(src)} {what} line {first}")
             return
         head = src
         while True:
@@ -591,5 +593,6 @@ class Validator:
                 db.execute("INSERT INTO names VALUES (?,?,1)", (head, lineno))
                 continue
             if not row[0]:  # a file; its own directories are in already
-                yield Problem(lineno, "source_path", f"{src!r} lies under {head!r}, which is a file on line {row[1]}")
+                yield Problem(lineno, "source_path",
+                              f"{quoted(src)} lies under {quoted(head)}, which is a file on line {row[1]}")
             return  # a directory: its ancestors are in already

@@ -295,7 +295,7 @@ def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Calla
     from s3fsimg.s3 import S3Store
 
     with contextlib.ExitStack() as stack:
-        store = S3Store(config, default_attempts=1)  # the manifest: see Dataset.store
+        store = S3Store(config, default_attempts=1)  # the manifest's store: see dataset._State.__init__
         index, manifest_path = load_index(config, store)
         stack.callback(index.close)
         if reader_factory is None:

@@ -1,4 +1,4 @@
-"""The S3 store: the one place a boto3 client is built, and the one place S3 errors are translated.
+"""The S3 store: the one place an S3 client is built, and the one place S3 errors are translated.
 
 `S3Store(config)` owns a client configured from `Config` (endpoint, addressing style, anonymous
 mode, region and retries from boto3's chain (botocore's standard retry mode unless the user set
@@ -130,16 +130,15 @@ def _new_session() -> botocore.session.Session:
 class S3Store:
     """S3 operations under one bucket and prefix."""
 
-    def __init__(self, config: Config, *, max_pool: int = 16, read_timeout: float | None = None,
-                 max_attempts: int | None = None, default_attempts: int = 5) -> None:
+    def __init__(self, config: Config, *, max_pool: int = 16, max_attempts: int | None = None,
+                 default_attempts: int = 5) -> None:
         """`max_attempts`: botocore's retries (after the first try), 0 for a caller that retries
         itself; None: the user's setting (AWS_MAX_ATTEMPTS, the profile's max_attempts), else
         `default_attempts`."""
         self.config = config
         self.bucket = config.require_bucket()
         connect_timeout = min(5.0, max(1.0, config.read_deadline / 4))
-        if read_timeout is None:
-            read_timeout = min(30.0, max(1.0, config.read_deadline / 2))
+        read_timeout = min(30.0, max(1.0, config.read_deadline / 2))
         try:
             core = _new_session()
             # The user's retry settings (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, the profile's retry_mode /

@@ -164,6 +164,7 @@ def test_xattrs_are_per_object_each_from_its_first_line_that_has_it(tmp_path: Pa
         entry(0, logical_id="L3", height=4, etag='"e0"'),  # line 3: a later id (not taken), the height
         entry(2, source_path="bare.png"),  # an object that never has them
         entry(2, source_path="bare2.png"),
+        entry(0, logical_id="L4"),  # a later line of object 0 with no etag of its own
     ])
     build_index(m, tmp_path / "idx.sqlite", manifest_digest="d" * 64, mtime_ns=1)
     with Index.open(tmp_path / "idx.sqlite") as index:
@@ -184,6 +185,9 @@ def test_xattrs_are_per_object_each_from_its_first_line_that_has_it(tmp_path: Pa
         by_hash = index.by_sha256(sha(0))
         assert by_hash is not None and by_hash.etag == '"e0"' and by_hash.source_path == "plain/a.png"
         assert index.object_for_inode(files[object_path(sha(2), "image/png")]).etag is None
+        by_id = index.by_logical_id("L4")  # a later line of the object, without an etag of its own...
+        assert by_id is not None and by_id.logical_id == "L4" and by_id.etag == '"e0"'  # ...has the object's
+        assert index.nth_entry(6).etag == '"e0"'
 
 
 def test_inodes_stable_across_rebuilds(tmp_path: Path) -> None:

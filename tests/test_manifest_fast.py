@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3fsimg.manifest import FIELDS, EntryProblem, fast_fields, object_path, parse_fields, parse_line
+from s3fsimg.manifest import FIELDS, EntryProblem, fast_fields, fields_of, object_path, parse_fields, parse_line
 
 _SHAS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
 _CTYPES = ["image/jpeg", "image/png", "image/tiff", "image/x-Portable+map.1", "image/", "text/plain", "image/jpeg\n"]
@@ -67,7 +67,7 @@ def _parse(raw: bytes) -> tuple[Any, ...] | None:
         e = parse_line(raw)
     except EntryProblem:
         return None
-    return (e.sha256, e.bytes, e.content_type, e.width, e.height, e.logical_id, e.etag, e.source_path)
+    return fields_of(e)
 
 
 def _agrees(raw: bytes) -> None:
