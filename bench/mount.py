@@ -464,8 +464,7 @@ def run(lab: Lab, report: Report, args: Any, data: Path) -> None:
         if loop is not None:
             loop.close()
         for mp in work.glob("mnt-*"):
-            if is_mounted(mp):
-                subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+            unmount_and_stop(mp, None)
         lab.latency(0)
         shutil.rmtree(work, ignore_errors=True)
 

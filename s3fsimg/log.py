@@ -62,7 +62,11 @@ def setup_logging(level: str = "warning", log_file: Path | None = None) -> None:
     handler: logging.Handler
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        mask = os.umask(0o077)  # a log names buckets and keys: 0600, like everything in the cache directory
+        try:
+            handler = logging.FileHandler(log_file)
+        finally:
+            os.umask(mask)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))

@@ -88,16 +88,17 @@ _COLLECTOR = _Collector()
 
 
 @contextmanager
-def expect_logs(pattern: str, level: int = logging.WARNING, count: int | None = None) -> Iterator[None]:
+def expect_logs(pattern: str, level: int = logging.WARNING, count: int | None = None) -> Iterator[_Expectation]:
     """Declare that records of ``level`` whose message matches ``pattern`` are expected inside the block.
 
     ``count=None``: any number of them; ``count=N``: exactly N (checked when the block exits normally).
+    ``as exp``: ``exp.seen`` counts them, for a test that needs some but cannot know how many.
     """
     exp = _Expectation(re.compile(pattern), level)
     with _COLLECTOR.lock:  # type: ignore[union-attr]
         _COLLECTOR.expectations.append(exp)
     try:
-        yield
+        yield exp
     finally:
         with _COLLECTOR.lock:  # type: ignore[union-attr]
             if exp in _COLLECTOR.expectations:

@@ -34,8 +34,9 @@ def test_prefix_layout_and_anonymous_reads(sample_dir: SampleSet, s3_env: dict[s
                             capture_output=True, text=True, timeout=60)
     assert denied.returncode == 1
     assert "access denied" in denied.stderr.lower() and "Traceback" not in denied.stderr
-    signed_env = {**env, "AWS_ACCESS_KEY_ID": s3_env["AWS_ACCESS_KEY_ID"],
-                  "AWS_SECRET_ACCESS_KEY": s3_env["AWS_SECRET_ACCESS_KEY"]}
+    signed_env = {**env, "AWS_ACCESS_KEY_ID": s3_env["AWS_ACCESS_KEY_ID"],  # its own cache: the anonymous
+                  "AWS_SECRET_ACCESS_KEY": s3_env["AWS_SECRET_ACCESS_KEY"],  # fetch below must GET the object
+                  "DATASET_CACHE_DIR": str(tmp_path / "signed-cache")}
     signed = subprocess.run([sys.executable, "-m", "s3fsimg", "fetch", first.sha256, "--no-anonymous"],
                             env=signed_env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert signed.returncode == 0, signed.stderr  # the flag overrides S3_ANONYMOUS=1 from the environment

@@ -204,9 +204,9 @@ def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], 
     cache_errors = 0
     # A full disk is reported (how often depends on eviction timing); reads still succeed.
     with (
-        expect_logs(r"^cache: disk full in .*; evicting and retrying once$"),
-        expect_logs(r"^cache: cannot store .* \(No space left on device\); serving it without caching$"),
-        expect_logs(r"^cache: cannot record .* in the ledger .*; serving it without caching$"),
+        expect_logs(r"^cache: disk full in .*; evicting and retrying once$") as full,
+        expect_logs(r"^cache: cannot store .* \(No space left on device\); serving it without caching$") as unstored,
+        expect_logs(r"^cache: cannot record .* in the ledger .*; serving it without caching$") as unrecorded,
         Dataset.from_env(block_size="64K") as ds,
     ):
         for _ in range(2):
@@ -228,6 +228,7 @@ def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], 
         usage = os.statvfs(tmpfs)
         print(f"tmpfs free {usage.f_bavail * usage.f_frsize}, fetch CacheErrors {cache_errors}, "
               f"reader stats {ds.reader.stats.snapshot()}")
+    assert full.seen + unstored.seen + unrecorded.seen + cache_errors > 0  # the disk did fill
 
 
 # ---------------------------------------------------------------------- permissions and the commands

@@ -99,8 +99,6 @@ def test_region_and_retries_come_from_the_aws_chain(monkeypatch: pytest.MonkeyPa
 
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/s3fsimg-test/config")  # not the developer's
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/s3fsimg-test/credentials")
     def retries(store: S3Store) -> Any:
         return store.client.meta.config.retries  # type: ignore[attr-defined]  # set at run time, not in the stubs
 

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -300,8 +301,8 @@ def test_refused_connections_cached_reads_work_uncached_fail_then_recover(datase
         with proxy.fault("refuse"):
             assert sha_of(mnt_dir / cached.path) == cached.sha256
             started = time.monotonic()
-            with pytest.raises(OSError) as info, open(mnt_dir / other.path, "rb") as f:
-                f.read(4096)
+            with open(mnt_dir / other.path, "rb") as f, pytest.raises(OSError) as info:
+                f.read(4096)  # the open succeeds (metadata is local); the read fails
             assert info.value.errno == errno.EIO
             # one deadline, not two: the kernel re-sends a failed read-ahead READ as a one-page READ,
             # which must not wait a second deadline
@@ -320,6 +321,7 @@ def test_daemon_mount_stats_and_umount(dataset: Dataset, mnt_dir: Path) -> None:
     try:
         r = _cli("mount", str(mnt_dir), "--log-file", str(log), env=dataset.env)
         assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600  # it names buckets and keys
         assert is_mounted(mnt_dir)
         assert len(os.listdir(mnt_dir / "by-id")) > 0
         stats = json.loads(_cli("stats", str(mnt_dir), "--json", env=dataset.env).stdout)
