@@ -11,7 +11,8 @@ A store is not shared across `fork()`: `Dataset` builds a new one in each proces
 
 Clients come from botocore's session directly, as boto3's do (the same credential chain, config and
 wire behaviour): boto3's layer adds only resources and s3transfer, which nothing here uses, and
-importing it would cost ~60 ms of every command's and every DataLoader worker's start-up.
+importing it costs ~10 ms more of every command's and DataLoader worker's start-up (83 vs 95 ms
+for botocore's session and client alone vs with boto3, measured).
 """
 
 from __future__ import annotations
