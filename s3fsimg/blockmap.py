@@ -42,6 +42,12 @@ def _block_count(size: int, block_size: int) -> int:
     return -(-size // block_size)
 
 
+def encoded_size(sha256: str, size: int, block_size: int) -> int:
+    """The length of what `BlockMap.to_bytes` gives for such an object, known without its bytes (the
+    uploader's "is the map there" check)."""
+    return len(BlockMap(sha256, size, block_size, (bytes(32),) * _block_count(size, block_size)).to_bytes())
+
+
 @dataclass(frozen=True)
 class BlockMap:
     """The per-block SHA-256 digests of one object (`digests[i]` is the raw 32-byte digest of block i)."""

@@ -173,7 +173,8 @@ def upload_cmd(directory: Path, workers: int, **flags: Any) -> None:
     click.echo(
         f"uploaded {report.uploaded} objects ({format_size(report.uploaded_bytes)}), "
         f"skipped {report.present} already in the bucket and {report.duplicates} duplicates, "
-        f"{len(report.skipped)} files skipped; manifest {'uploaded' if report.manifest_uploaded else 'unchanged'} "
+        f"{len(report.skipped)} files skipped; block maps {report.maps_uploaded} added, "
+        f"{report.maps_present} already there; manifest {'uploaded' if report.manifest_uploaded else 'unchanged'} "
         f"with {report.entries} entries in {report.seconds:.1f}s -> {config.where(config.manifest_key)}"
     )
 

@@ -10,12 +10,19 @@ Order of work, which is what makes a killed run safe to re-run:
    server that checks rejects a damaged body) when absent; identical files are PUT once. A hash
    cache (`<cache_dir>/hashes/`, see `scan.HashCache`) spares re-reading unchanged files on a
    re-run; a file it vouches for that must be PUT is read and hashed again first;
-5. only when every PUT has succeeded is the manifest PUT, last. A run killed before that leaves
+5. each object larger than `config.whole_object_max` gets its block map (`blockmap.py`, the SHA-256
+   of each `config.block_size` block) at `blocks/ab/cd/<sha256>`, PUT after its object, whether the
+   object was PUT now or was already there. A map counts as present when a LIST of `blocks/` (LIST
+   mode) or a HEAD (HEAD mode) shows it with the size of the map this run would write, so a re-run
+   adds exactly the maps a dataset lacks (datasets uploaded before maps existed, a deleted map, a
+   block size changed); a map vouched for by the hash cache alone is built from the file, streaming,
+   after checking its SHA-256 is still the entry's;
+6. only when every PUT has succeeded is the manifest PUT, last. A run killed before that leaves
    objects without a manifest naming them, never a manifest naming a missing object. A DIR in which
    no image is found is refused (UsageError) before any PUT: its empty manifest would replace the
    bucket's and hide the whole dataset.
 
-Imports config, s3, manifest and scan only; nothing of the read path.
+Imports config, s3, manifest, scan and blockmap only; nothing of the read path.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from s3fsimg.blockmap import BlockMap, blockmap_key, encoded_size
 from s3fsimg.config import Config
 from s3fsimg.errors import UsageError
 from s3fsimg.manifest import Entry, write_manifest
@@ -41,7 +49,8 @@ from s3fsimg.scan import HashCache, LogicalMap, entry_from_bytes, prepare, read_
 
 log = logging.getLogger(__name__)
 
-#: Above this many local files, one LIST of images/ (1 request per 1000 keys) replaces a HEAD per object.
+#: Above this many local files, one LIST of images/ and one of blocks/ (1 request per 1000 keys) replace a
+#: HEAD per object and per block map.
 HEAD_LIMIT = 100
 
 
@@ -51,6 +60,8 @@ class UploadReport:
     uploaded_bytes: int = 0
     present: int = 0
     duplicates: int = 0
+    maps_uploaded: int = 0  # block maps PUT by this run (new objects, and objects that had none)
+    maps_present: int = 0  # block maps already in the bucket
     entries: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     map_note: str | None = None  # logical-map rows that matched no file (LogicalMap.unmatched_note)
@@ -62,9 +73,12 @@ class _Uploads:
     """Makes sure each object is in the bucket, PUTting each distinct one at most once; thread-safe."""
 
     def __init__(self, store: S3Store, known: dict[str, tuple[int, str | None]] | None,
-                 logical_map: LogicalMap) -> None:
+                 known_maps: dict[str, int] | None, logical_map: LogicalMap, config: Config) -> None:
         self.store = store
         self.known = known  # path -> (size, ETag) from a LIST of images/, or None: HEAD each object
+        self.known_maps = known_maps  # key -> size from a LIST of blocks/, or None: HEAD each map
+        self.block_size = config.block_size
+        self.whole_object_max = config.whole_object_max
         self.logical_map = logical_map
         self.lock = threading.Lock()
         self.done: dict[str, Future[str | None]] = {}  # sha256 -> ETag once present
@@ -112,7 +126,14 @@ class _Uploads:
         if present:
             with self.lock:
                 self.report.present += 1
-            return entry, etag
+        else:
+            data, etag = self._put_object(entry, data, path)
+        if entry.bytes > self.whole_object_max:
+            self._ensure_map(entry, data, path)
+        return entry, etag
+
+    def _put_object(self, entry: Entry, data: bytes | None, path: Path) -> tuple[bytes, str | None]:
+        """PUT the file's bytes at the entry's key; returns the bytes PUT and the ETag."""
         if data is None:  # known only from the hash cache: read and hash the bytes we are about to PUT
             try:
                 _st, data = read_regular(path)
@@ -127,7 +148,40 @@ class _Uploads:
         with self.lock:
             self.report.uploaded += 1
             self.report.uploaded_bytes += len(data)
-        return entry, etag
+        return data, etag
+
+    def _ensure_map(self, entry: Entry, data: bytes | None, path: Path) -> None:
+        """PUT the object's block map unless the bucket has it (at the size this run would write).
+        Whether it is there is known before any byte is read: a map's size depends on the object's
+        size and the block size only (a re-run with a hash cache reads no file)."""
+        key = blockmap_key(entry.sha256)
+        if self.known_maps is not None:
+            size = self.known_maps.get(key)
+        else:
+            head = self.store.stat(key)
+            size = int(head["size"]) if head is not None else None
+        expected = encoded_size(entry.sha256, entry.bytes, self.block_size)
+        if size == expected:
+            with self.lock:
+                self.report.maps_present += 1
+            return
+        if size is not None:
+            log.info("%s: %d bytes in the bucket, not %d; writing it again", key, size, expected)
+        if data is not None:
+            blockmap = BlockMap.of_bytes(data, block_size=self.block_size)
+        else:  # vouched for by the hash cache only: build it from the file, and check it is the entry's
+            try:
+                blockmap = BlockMap.of_file(path, block_size=self.block_size)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot read it to upload its block map ({exc.strerror}); "
+                                 "run the upload again") from None
+            if blockmap.sha256 != entry.sha256 or blockmap.size != entry.bytes:
+                raise UsageError(f"{path}: changed while being uploaded; run the upload again")
+        raw = blockmap.to_bytes()
+        self.store.put(key, raw, content_type="application/json",
+                       sha256_b64=base64.b64encode(hashlib.sha256(raw).digest()).decode())
+        with self.lock:
+            self.report.maps_uploaded += 1
 
 
 def _skipped_summary(skipped: list[tuple[str, str]]) -> str:
@@ -156,11 +210,13 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
     store = S3Store(config, max_pool=workers + 4)
     store.check_bucket()
     known: dict[str, tuple[int, str | None]] | None = None
+    known_maps: dict[str, int] | None = None
     if count > HEAD_LIMIT:
         known = {}
         for rel, size, etag in store.list_objects("images/"):
             known[rel] = (size, etag)
-    uploads = _Uploads(store, known, lmap)
+        known_maps = {rel: size for rel, size, _etag in store.list_objects("blocks/")}
+    uploads = _Uploads(store, known, known_maps, lmap, config)
     report = uploads.report
     report.map_note = lmap.unmatched_note()
     hash_cache = HashCache(hash_cache_path(config, directory))
@@ -189,7 +245,8 @@ def upload(config: Config, directory: Path, *, workers: int = 16, show_progress:
             raise UsageError(f"{shown(os.fspath(directory))}: no images found ({_skipped_summary(report.skipped)}); "
                              "nothing uploaded")
         manifest_bytes = manifest_tmp.read_bytes()
-        # Every object the manifest names is now confirmed present (PUT succeeded, or LIST/HEAD saw it).
+        # Every object the manifest names is now confirmed present (PUT succeeded, or LIST/HEAD saw it),
+        # and so is the block map of every object over whole_object_max.
         remote = store.stat(config.manifest_key)
         local_md5 = '"' + hashlib.md5(manifest_bytes, usedforsecurity=False).hexdigest() + '"'
         if remote is None or remote["etag"] != local_md5 or remote["size"] != len(manifest_bytes):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3fsimg.blockmap import FORMAT, BlockMap, blockmap_key
+from s3fsimg.blockmap import FORMAT, BlockMap, blockmap_key, encoded_size
 from s3fsimg.errors import IntegrityError
 
 SHA = "ab" * 32
@@ -56,6 +56,7 @@ def test_the_format_is_the_agreed_json() -> None:
     }
     assert made.block_count() == 5
     assert made.block_bounds(4) == (1024, 1028)
+    assert encoded_size(made.sha256, len(data), 256) == len(made.to_bytes())
 
 
 def test_of_file_is_of_bytes(tmp_path: Path) -> None:
@@ -112,6 +113,7 @@ def test_a_bad_map_is_an_integrity_error_naming_the_object(raw: bytes, what: str
 @given(data=st.binary(max_size=5000), block_size=st.integers(1, 700))
 def test_round_trip_and_bounds_match_a_reference_model(data: bytes, block_size: int) -> None:
     made = BlockMap.of_bytes(data, block_size=block_size)
+    assert encoded_size(made.sha256, len(data), block_size) == len(made.to_bytes())
     assert BlockMap.from_bytes(made.to_bytes(), sha256=made.sha256, size=len(data)) == made
     # Reference model: the blocks tile [0, size) in order, each block_size long but the last.
     bounds = [made.block_bounds(i) for i in range(made.block_count())]

@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 
+from s3fsimg.blockmap import BlockMap, blockmap_key
 from s3fsimg.config import Config
 from s3fsimg.manifest import parse_line
 from s3fsimg.uploader import HEAD_LIMIT, hash_cache_path, upload
 from tests.checklogs import expect_logs
-from tests.lab.images import SampleSet, make_dataset
+from tests.lab.images import SampleSet, make_dataset, make_large_image
 from tests.lab.moto import free_port
 from tests.lab.procs import stop_process
 from tests.lab.proxy import LabProxy
@@ -614,3 +615,124 @@ def test_quoted_etag_gives_the_manifest_form_of_bare_and_quoted_etags() -> None:
     line = {"sha256": sha, "path": f"images/{sha[:2]}/{sha[2:4]}/{sha}.png", "bytes": 1, "content_type": "image/png",
             "etag": quoted_etag("bare-etag")}
     assert parse_entry(line).etag == '"bare-etag"'
+
+
+# -- block maps -------------------------------------------------------------------------------------------
+
+
+def bucket_maps(client: Any, bucket: str) -> dict[str, bytes]:
+    """Every object under blocks/, with its bytes."""
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            for key in bucket_objects(client, bucket) if key.startswith("blocks/")}
+
+
+def assert_map_of(raw: bytes, path: Path, block_size: int) -> None:
+    """`raw` parses as the block map of the file's bytes, and each block's digest is the block's."""
+    data = path.read_bytes()
+    blockmap = BlockMap.from_bytes(raw, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    assert blockmap.block_size == block_size
+    assert blockmap.block_count() == -(-len(data) // block_size)
+    for i in range(blockmap.block_count()):
+        start, end = blockmap.block_bounds(i)
+        assert blockmap.check_block(i, data[start:end]), (path, i)
+    assert blockmap == BlockMap.of_bytes(data, block_size=block_size)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("n_small", [3, HEAD_LIMIT + 5], ids=["head", "list"])
+def test_upload_writes_a_block_map_for_each_large_object_and_a_rerun_adds_the_missing(
+        tmp_path: Path, s3_env: dict[str, str], proxy: LabProxy, moto_client: Any, bucket: str,
+        large_set: SampleSet, n_small: int) -> None:
+    """Objects over DATASET_WHOLE_OBJECT_MAX (1 MiB) get a map at blocks/ab/cd/<sha256> that describes
+    the file's bytes; small ones get none. A re-run after a map was deleted (a dataset uploaded before
+    maps existed) PUTs that map only, from the hash cache's file (no object PUT), with a HEAD per map
+    or one LIST of blocks/ (above HEAD_LIMIT files)."""
+    data = large_set.copy_to(tmp_path / "d")
+    write_pngs(data.root / "small", n_small)
+    large = [f for f in data.large if f.size > 1 << 20]
+    assert len(large) >= 2, [f.size for f in data.large]  # the seeded set has 1.0-3.0 MB images
+    proc = cli(s3_env, "upload", str(data.root))
+    assert proc.returncode == 0, proc.stderr
+    assert f"block maps {len(large)} added, 0 already there" in proc.stdout
+    maps = bucket_maps(moto_client, bucket)
+    assert set(maps) == {blockmap_key(f.sha256) for f in large}  # no map for a small object
+    for f in large:
+        assert_map_of(maps[blockmap_key(f.sha256)], f.path, 256 << 10)
+        head = moto_client.head_object(Bucket=bucket, Key=blockmap_key(f.sha256))
+        assert head["ContentType"] == "application/json"
+
+    victim = blockmap_key(large[0].sha256)
+    moto_client.delete_object(Bucket=bucket, Key=victim)
+    proxy.reset()
+    again = cli(s3_env, "upload", str(data.root))
+    assert again.returncode == 0, again.stderr
+    assert f"block maps 1 added, {len(large) - 1} already there" in again.stdout
+    assert "uploaded 0 objects" in again.stdout
+    assert proxy.get_count("PUT", "blocks/") == proxy.get_count("PUT", victim) == 1
+    assert proxy.get_count("PUT", "images/") == 0
+    assert proxy.get_count("PUT", "manifests/") == 0  # the manifest did not change
+    if n_small > HEAD_LIMIT:
+        assert proxy.get_count("HEAD", "blocks/") == 0  # really the LIST path
+    else:
+        assert proxy.get_count("HEAD", "blocks/") == len(large)
+    assert bucket_maps(moto_client, bucket) == maps  # the same bytes again
+
+    proxy.reset()
+    third = cli(s3_env, "upload", str(data.root))
+    assert third.returncode == 0, third.stderr
+    assert proxy.get_count("PUT") == 0
+    assert f"block maps 0 added, {len(large)} already there" in third.stdout
+
+
+@pytest.mark.timeout(180)
+def test_block_maps_follow_the_threshold_and_the_block_size(tmp_path: Path, s3_env: dict[str, str],
+                                                             moto_client: Any, bucket: str) -> None:
+    """A map is written for bytes > DATASET_WHOLE_OBJECT_MAX (not for an object of exactly that size),
+    with DATASET_BLOCK_SIZE blocks; a wrong-size map at the key is written again."""
+    root = tmp_path / "d"
+    files = [make_large_image(root / f"n{i}.png", size, seed=i) for i, size in enumerate((40_000, 70_000, 90_000))]
+    at_limit = files[1]
+    env = {**s3_env, "DATASET_WHOLE_OBJECT_MAX": str(at_limit.size), "DATASET_BLOCK_SIZE": "16K"}
+    proc = cli(env, "upload", str(root))
+    assert proc.returncode == 0, proc.stderr
+    maps = bucket_maps(moto_client, bucket)
+    assert set(maps) == {blockmap_key(files[2].sha256)}
+    assert_map_of(maps[blockmap_key(files[2].sha256)], files[2].path, 16 << 10)
+
+    moto_client.put_object(Bucket=bucket, Key=blockmap_key(files[2].sha256), Body=b"{}")
+    again = cli(env, "upload", str(root))
+    assert again.returncode == 0, again.stderr
+    assert "block maps 1 added, 0 already there" in again.stdout
+    assert bucket_maps(moto_client, bucket) == maps
+
+
+@pytest.mark.timeout(180)
+def test_block_maps_go_after_their_object_and_before_the_manifest(tmp_path: Path, s3_env: dict[str, str],
+                                                                   proxy: LabProxy, moto_client: Any,
+                                                                   bucket: str) -> None:
+    """A map PUT that fails fails the upload before the manifest; an object PUT that fails leaves no map
+    of that object. The re-run completes both."""
+    root = tmp_path / "d"
+    files = [make_large_image(root / f"n{i}.png", 1_300_000 + i * 100_000, seed=i) for i in range(3)]
+    keys = {blockmap_key(f.sha256) for f in files}
+    with proxy.fault("error_status", 400, match="/blocks/", methods=["PUT"]):
+        proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("s3fsimg: error: s3://"), proc.stderr
+    objects = bucket_objects(moto_client, bucket)
+    assert not any(k.startswith("manifests/") for k in objects)
+    assert not keys & set(objects)
+
+    stuck = files[0]
+    moto_client.delete_object(Bucket=bucket, Key=stuck.s3_path)
+    with proxy.fault("error_status", 400, match=stuck.sha256, methods=["PUT"]):
+        proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 1
+    objects = bucket_objects(moto_client, bucket)
+    assert blockmap_key(stuck.sha256) not in objects and stuck.s3_path not in objects
+    assert not any(k.startswith("manifests/") for k in objects)
+
+    proc = cli(s3_env, "upload", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert keys <= set(bucket_objects(moto_client, bucket))
+    assert cli(s3_env, "validate", "--check-objects").returncode == 0
