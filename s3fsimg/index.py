@@ -23,6 +23,11 @@ same manifest (E = number of entries)::
     OBJ_BASE + E + i                   by-id/<logical_id>, where entry i is the first line with that id
     OBJ_BASE + 2E + k                  the k-th by-path directory (k >= 1, order of first appearance)
 
+Each kind of inode (the root, manifest.jsonl, images/, images/ab, images/ab/cd, the objects, by-id/,
+by-id/<id>, by-path/ and its directories) is one small class below with its own getattr, lookup, readdir
+and parent; `Index._kind_of` is the one place that tells, from the numbering above, which kind an inode
+is.
+
 Threads: each thread gets its own read-only connection (`threading.local`), opened with
 `check_same_thread=False` only so that `close()` can close them all from one thread. Threads then never
 queue on a Python lock, and SQLite serves read-only connections concurrently. Every query is a few
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +66,8 @@ XATTR_PREFIX = "user.s3fsimg."
 #: Names of the root directory, in readdir order (readdir key = position + 1).
 ROOT_NAMES = ((b"images", IMAGES_INODE), (b"by-id", BY_ID_INODE), (b"by-path", BY_PATH_INODE),
               (b"manifest.jsonl", MANIFEST_INODE))
+
+_ROOT_LOOKUP = dict(ROOT_NAMES)
 
 _PAGE = 512  # rows fetched per readdir query
 
@@ -117,18 +125,39 @@ CREATE TABLE pdirs(
 );
 """
 
-INDEXES = (
-    "CREATE INDEX entries_sha256 ON entries(sha256)",  # objects: images/ lookup, readdir by hash; duplicates
-    "CREATE INDEX entries_logical_id ON entries(logical_id) WHERE logical_id IS NOT NULL",  # by-id
-    # by-path files: lookup, readdir by name; a source_path named twice
-    "CREATE UNIQUE INDEX entries_name ON entries(parent_k, name) WHERE parent_k IS NOT NULL",
-    "CREATE UNIQUE INDEX pdirs_name ON pdirs(parent_k, name)",  # by-path directories: lookup, readdir by name
-)
+#: The indexes, by name (the builder creates each after the load, where its phase needs it).
+INDEXES = {
+    # objects: images/ lookup, readdir by hash; an object's later lines
+    "entries_sha256": "CREATE INDEX entries_sha256 ON entries(sha256)",
+    # by-id: lookup, the lines of one logical id
+    "entries_logical_id": "CREATE INDEX entries_logical_id ON entries(logical_id) WHERE logical_id IS NOT NULL",
+    # by-path files: lookup, readdir by name; unique: a source_path named twice fails the build
+    "entries_name": "CREATE UNIQUE INDEX entries_name ON entries(parent_k, name) WHERE parent_k IS NOT NULL",
+    # by-path directories: lookup, readdir by name
+    "pdirs_name": "CREATE UNIQUE INDEX pdirs_name ON pdirs(parent_k, name)",
+}
 
 
 def _hash_bound(d: int) -> bytes:
     """The smallest blob >= every sha256 of the directories images/ab/cd with 0xabcd >= d (d <= 0x10000)."""
     return bytes((d >> 8, d & 0xFF)) if d < 0x10000 else b"\xff" * 33
+
+
+def _first_abcd(db: sqlite3.Connection, lo: int, hi: int) -> int | None:
+    """The first 0xabcd in [lo, hi) whose directory images/ab/cd holds an object, or None (one index probe)."""
+    row = db.execute("SELECT sha256 FROM entries WHERE sha256 >= ? AND sha256 < ? ORDER BY sha256 LIMIT 1",
+                     (_hash_bound(lo), _hash_bound(hi))).fetchone()
+    return None if row is None else (row[0][0] << 8) | row[0][1]
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def _hex_byte(name: bytes) -> int | None:
+    """The value of a name under images/ or images/ab (two lowercase hex digits), or None."""
+    if len(name) != 2 or not _HEX_DIGITS.issuperset(name):
+        return None
+    return int(name, 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +188,358 @@ def _entry(row: tuple[Any, ...] | sqlite3.Row) -> Entry:
 
 
 def _sha_from_name(name: bytes) -> tuple[bytes, bytes] | None:
-    """(raw sha256, ext) of a `<sha256>.<ext>` name, or None."""
-    if len(name) < 66 or name[64:65] != b".":
+    """(raw sha256, ext) of a `<sha256>.<ext>` name (the hash in lowercase hex, as listed), or None."""
+    if len(name) < 66 or name[64:65] != b"." or not _HEX_DIGITS.issuperset(name[:64]):
         return None
-    try:
-        return bytes.fromhex(name[:64].decode("ascii")), name[65:]
-    except (UnicodeDecodeError, ValueError):
+    return bytes.fromhex(name[:64].decode("ascii")), name[65:]
+
+
+def _object_name(sha: bytes, content_type: str) -> bytes:
+    """The name of an object in images/ab/cd and by-id/<id>: `<sha256>.<ext>`."""
+    return f"{bytes(sha).hex()}.{extension_for(content_type)}".encode()
+
+
+#: A directory listing: (name, attributes, key) per child, in key order; the key resumes after the child.
+Listing = Iterator[tuple[bytes, Attr, int]]
+
+
+class _Kind(ABC):
+    """One kind of inode, with its attributes, names, listing and parent.
+
+    `n` is an inode's number within its kind, from `Index._kind_of` (the ab of images/ab, the entry id of an
+    object, the k of a by-path directory...). A kind whose inodes exist only where the manifest puts
+    something (images/ab, images/ab/cd, by-id/<id>) checks that itself: getattr and parent give None,
+    lookup None, readdir nothing. A file keeps the defaults: no names in it, no parent.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def db(self) -> sqlite3.Connection:
+        return self.index._db()
+
+    @abstractmethod
+    def getattr(self, n: int) -> Attr | None:
+        """The attributes of inode n, or None when there is no such inode."""
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        """The inode of `name` (neither '.' nor '..') in directory n, or None."""
         return None
+
+    def readdir(self, n: int, after: int) -> Listing:
+        """The children of directory n whose key is greater than `after`."""
+        return iter(())
+
+    def parent(self, n: int) -> int | None:
+        """The inode of '..' of directory n, or None."""
+        return None
+
+
+class _Root(_Kind):
+    """The root: the fixed names of `ROOT_NAMES`; key = position + 1."""
+
+    def getattr(self, n: int) -> Attr:
+        return Attr(ROOT_INODE, True, 0, 2 + 3)  # images, by-id, by-path
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        return _ROOT_LOOKUP.get(name)
+
+    def readdir(self, n: int, after: int) -> Listing:
+        for i, (name, child) in enumerate(ROOT_NAMES):
+            if i + 1 > after:
+                attr = self.index.getattr(child)
+                assert attr is not None
+                yield name, attr, i + 1
+
+    def parent(self, n: int) -> int:
+        return ROOT_INODE
+
+
+class _ManifestFile(_Kind):
+    """manifest.jsonl, the manifest the index was built from (its size from the metadata)."""
+
+    def getattr(self, n: int) -> Attr:
+        return Attr(MANIFEST_INODE, False, self.index.manifest_bytes, 1)
+
+
+class _Images(_Kind):
+    """images/: a directory ab (inode AB_BASE + 0xab; key 0xab + 1) for each first byte of some object's
+    hash, each found by one probe of the hash index."""
+
+    def getattr(self, n: int) -> Attr:
+        return Attr(IMAGES_INODE, True, 0, 2 + sum(1 for _ in self._abs(0)))
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        ab = _hex_byte(name)
+        if ab is None or _first_abcd(self.db(), ab << 8, (ab + 1) << 8) is None:
+            return None
+        return AB_BASE + ab
+
+    def readdir(self, n: int, after: int) -> Listing:
+        for ab in self._abs(after):
+            attr = self.index.getattr(AB_BASE + ab)
+            if attr is not None:
+                yield f"{ab:02x}".encode(), attr, ab + 1
+
+    def parent(self, n: int) -> int:
+        return ROOT_INODE
+
+    def _abs(self, first: int) -> Iterator[int]:
+        """The ab values (0..255, at least `first`) of the existing images/ab directories."""
+        db = self.db()
+        ab = first
+        while ab < 256:
+            d = _first_abcd(db, ab << 8, 1 << 16)
+            if d is None:
+                return
+            ab = d >> 8
+            yield ab
+            ab += 1
+
+
+class _ImagesAb(_Kind):
+    """images/ab (n = 0xab): a directory cd (inode ABCD_BASE + 0xabcd; key 0xcd + 1) for each pair of first
+    bytes of some object's hash."""
+
+    def getattr(self, n: int) -> Attr | None:
+        children = sum(1 for _ in self.readdir(n, 0))  # at most 256 index probes (`Index.getattr` keeps it)
+        return Attr(AB_BASE + n, True, 0, 2 + children) if children else None
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        cd = _hex_byte(name)
+        if cd is None:
+            return None
+        d = (n << 8) | cd
+        return ABCD_BASE + d if _first_abcd(self.db(), d, d + 1) is not None else None
+
+    def readdir(self, n: int, after: int) -> Listing:
+        db = self.db()
+        cd = after
+        while cd < 256:
+            d = _first_abcd(db, (n << 8) + cd, (n + 1) << 8)
+            if d is None:
+                return
+            cd = d & 0xFF
+            yield f"{cd:02x}".encode(), Attr(ABCD_BASE + d, True, 0, 2), cd + 1
+            cd += 1
+
+    def parent(self, n: int) -> int | None:
+        return IMAGES_INODE if self.index.getattr(AB_BASE + n) is not None else None
+
+
+class _ImagesAbcd(_Kind):
+    """images/ab/cd (n = 0xabcd): the objects whose hash starts with abcd, named `<sha256>.<ext>`, in hash
+    order; key = the object's inode (a listing resumes after that object's hash)."""
+
+    def getattr(self, n: int) -> Attr | None:
+        return Attr(ABCD_BASE + n, True, 0, 2) if _first_abcd(self.db(), n, n + 1) is not None else None
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        parsed = _sha_from_name(name)
+        if parsed is None:
+            return None
+        sha, ext = parsed
+        if (sha[0] << 8) | sha[1] != n:
+            return None
+        row = self.db().execute("SELECT id, content_type FROM entries WHERE sha256=? AND nlink IS NOT NULL",
+                                (sha,)).fetchone()
+        if row is None or extension_for(row[1]).encode() != ext:
+            return None
+        return OBJ_BASE + int(row[0])
+
+    def readdir(self, n: int, after: int) -> Listing:
+        db = self.db()
+        hi = _hash_bound(n + 1)
+        if after:
+            row = db.execute("SELECT sha256 FROM entries WHERE id=?", (after - OBJ_BASE,)).fetchone()
+            if row is None:
+                return
+            lo, op = row[0], ">"
+        else:
+            lo, op = _hash_bound(n), ">="
+        while True:
+            rows = db.execute(f"SELECT id, bytes, nlink, sha256, content_type FROM entries WHERE sha256 {op} ? "
+                              "AND sha256 < ? AND nlink IS NOT NULL ORDER BY sha256 LIMIT ?",
+                              (lo, hi, _PAGE)).fetchall()
+            for i, size, nlink, sha, ctype in rows:
+                child = OBJ_BASE + i
+                yield _object_name(sha, ctype), Attr(child, False, size, nlink, bytes(sha).hex()), child
+            if len(rows) < _PAGE:
+                return
+            lo, op = rows[-1][3], ">"
+
+    def parent(self, n: int) -> int | None:
+        return AB_BASE + (n >> 8) if self.getattr(n) is not None else None
+
+
+class _Objects(_Kind):
+    """The objects, files (n = the entry id of the object's first line; inode OBJ_BASE + n): attributes,
+    manifest entry and extended attributes, each from the first line's row (and `objattrs`)."""
+
+    def getattr(self, n: int) -> Attr | None:
+        row = self.db().execute("SELECT bytes, nlink, sha256 FROM entries WHERE id=? AND nlink IS NOT NULL",
+                                (n,)).fetchone()
+        return Attr(OBJ_BASE + n, False, row[0], row[1], bytes(row[2]).hex()) if row else None
+
+    def entry(self, n: int) -> Entry | None:
+        row = self.db().execute(f"{_ENTRY_SELECT} WHERE e.id=? AND e.nlink IS NOT NULL", (n,)).fetchone()
+        return None if row is None else _entry(row)
+
+    def xattrs(self, n: int) -> dict[str, bytes]:
+        row = self.db().execute(
+            "SELECT e.sha256, e.content_type, coalesce(e.logical_id, a.logical_id), coalesce(e.width, a.width), "
+            "coalesce(e.height, a.height), coalesce(e.etag, a.etag) FROM entries e "
+            "LEFT JOIN objattrs a ON a.id = e.id WHERE e.id=? AND e.nlink IS NOT NULL", (n,)).fetchone()
+        if row is None:
+            return {}
+        values = {"sha256": bytes(row[0]).hex(), "logical_id": row[2], "width": row[3], "height": row[4],
+                  "content_type": row[1], "etag": row[5]}
+        return {f"{XATTR_PREFIX}{k}": str(v).encode() for k, v in values.items() if v is not None}
+
+
+class _ById(_Kind):
+    """by-id/: a directory per distinct logical id (inode `iddir_base` + the entry id of its first line,
+    the `lids` row; key that id + 1), in manifest order."""
+
+    def getattr(self, n: int) -> Attr:
+        return Attr(BY_ID_INODE, True, 0, 2 + self.index.logical_id_count())
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        try:
+            lid = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        row = self.db().execute("SELECT min(id) FROM entries WHERE logical_id=?", (lid,)).fetchone()
+        return None if row[0] is None else self.index.iddir_base + int(row[0])
+
+    def readdir(self, n: int, after: int) -> Listing:
+        db = self.db()
+        while True:
+            rows = db.execute("SELECT l.id, e.logical_id FROM lids l JOIN entries e ON e.id = l.id "
+                              "WHERE l.id >= ? ORDER BY l.id LIMIT ?", (after, _PAGE)).fetchall()
+            for i, lid in rows:
+                yield lid.encode("utf-8"), Attr(self.index.iddir_base + i, True, 0, 2), i + 1
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0] + 1
+
+    def parent(self, n: int) -> int:
+        return ROOT_INODE
+
+
+class _IdDir(_Kind):
+    """by-id/<logical_id> (n = the entry id of the first line with that id, when `lids` has it): a file
+    `<sha256>.<ext>` per distinct object among the lines with that id; key = the entry id of the first
+    such line + 1."""
+
+    def _exists(self, n: int) -> bool:
+        return self.db().execute("SELECT 1 FROM lids WHERE id=?", (n,)).fetchone() is not None
+
+    def getattr(self, n: int) -> Attr | None:
+        return Attr(self.index.iddir_base + n, True, 0, 2) if self._exists(n) else None
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        parsed = _sha_from_name(name)
+        if parsed is None or not self._exists(n):
+            return None
+        for ctype, obj in self.db().execute("SELECT content_type, coalesce(obj, id) FROM entries WHERE logical_id = "
+                                            "(SELECT logical_id FROM entries WHERE id=?) AND sha256=?",
+                                            (n, parsed[0])):
+            if extension_for(ctype).encode() == parsed[1]:
+                return OBJ_BASE + int(obj)
+        return None
+
+    def readdir(self, n: int, after: int) -> Listing:
+        if not self._exists(n):
+            return
+        db = self.db()
+        rows = db.execute(
+            f"SELECT e.id, e.sha256, e.content_type, {OBJ_BASE} + o.id, o.bytes, o.nlink FROM entries e "
+            "JOIN entries o ON o.id = coalesce(e.obj, e.id) WHERE e.logical_id = "
+            "(SELECT logical_id FROM entries WHERE id=?) AND e.id >= ? ORDER BY e.id",
+            (n, after)).fetchall()
+        seen: set[bytes] = set()
+        for i, sha, ctype, child, size, nlink in rows:
+            name = _object_name(sha, ctype)
+            if name in seen or db.execute("SELECT 1 FROM entries WHERE logical_id = (SELECT logical_id FROM "
+                                          "entries WHERE id=?) AND sha256=? AND id<? LIMIT 1",
+                                          (n, sha, i)).fetchone():
+                continue
+            seen.add(name)
+            yield name, Attr(child, False, size, nlink, bytes(sha).hex()), i + 1
+
+    def parent(self, n: int) -> int | None:
+        return BY_ID_INODE if self._exists(n) else None
+
+
+class _ByPath(_Kind):
+    """by-path/ (n = 0) and its directories (n = their `pdirs.k`, 1..P; inode `pdir_base` + k): the
+    subdirectories (key: their k), then the files (key: P + 1 + entry id), each in name order; a listing
+    resumes after the name of the key's directory or file."""
+
+    def inode(self, k: int) -> int:
+        return BY_PATH_INODE if k == 0 else self.index.pdir_base + k
+
+    def getattr(self, n: int) -> Attr | None:
+        db = self.db()
+        if n == 0:
+            subdirs = int(db.execute("SELECT count(*) FROM pdirs WHERE parent_k=0").fetchone()[0])
+            return Attr(BY_PATH_INODE, True, 0, 2 + subdirs)
+        row = db.execute("SELECT nlink FROM pdirs WHERE k=?", (n,)).fetchone()
+        return Attr(self.inode(n), True, 0, int(row[0])) if row else None
+
+    def lookup(self, n: int, name: bytes) -> int | None:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        db = self.db()
+        row = db.execute("SELECT k FROM pdirs WHERE parent_k=? AND name=?", (n, text)).fetchone()
+        if row is not None:
+            return self.inode(int(row[0]))
+        row = db.execute("SELECT coalesce(obj, id) FROM entries WHERE parent_k=? AND name=?", (n, text)).fetchone()
+        return None if row is None else OBJ_BASE + int(row[0])
+
+    def parent(self, n: int) -> int | None:
+        if n == 0:
+            return ROOT_INODE
+        row = self.db().execute("SELECT parent_k FROM pdirs WHERE k=?", (n,)).fetchone()
+        return None if row is None else self.inode(int(row[0]))
+
+    def readdir(self, n: int, after: int) -> Listing:
+        db = self.db()
+        files_from = self.index._pdirs + 1
+        last: str | None = None
+        if after < files_from:
+            if after:
+                row = db.execute("SELECT name FROM pdirs WHERE k=?", (after,)).fetchone()
+                if row is None:
+                    return
+                last = row[0]
+            while True:
+                rows = db.execute("SELECT k, name, nlink FROM pdirs WHERE parent_k=? AND name > ? ORDER BY name "
+                                  "LIMIT ?", (n, "" if last is None else last, _PAGE)).fetchall()
+                for child_k, name, nlink in rows:
+                    yield name.encode(), Attr(self.inode(child_k), True, 0, nlink), child_k
+                if len(rows) < _PAGE:
+                    break
+                last = rows[-1][1]
+            last = None
+        else:
+            row = db.execute("SELECT name FROM entries WHERE id=?", (after - files_from,)).fetchone()
+            if row is None or row[0] is None:
+                return
+            last = row[0]
+        while True:
+            rows = db.execute(
+                f"SELECT e.id, e.name, {OBJ_BASE} + o.id, o.bytes, o.nlink, o.sha256 FROM entries e JOIN entries o "
+                "ON o.id = coalesce(e.obj, e.id) WHERE e.parent_k=? AND e.name > ? ORDER BY e.name LIMIT ?",
+                (n, "" if last is None else last, _PAGE)).fetchall()
+            for i, name, child, size, nlink, sha in rows:
+                yield name.encode(), Attr(child, False, size, nlink, bytes(sha).hex()), files_from + i
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1][1]
 
 
 class Index:
@@ -189,6 +563,14 @@ class Index:
         self.iddir_base = OBJ_BASE + self._entries
         self.pdir_base = OBJ_BASE + 2 * self._entries
         self._top_attrs: dict[int, Attr] = {}  # see getattr
+        self._object_kind = _Objects(self)
+        self._iddir_kind = _IdDir(self)
+        self._by_path_kind = _ByPath(self)
+        self._ab_kind = _ImagesAb(self)
+        self._abcd_kind = _ImagesAbcd(self)
+        self._fixed_kinds: dict[int, tuple[_Kind, int]] = {
+            ROOT_INODE: (_Root(self), 0), IMAGES_INODE: (_Images(self), 0), BY_ID_INODE: (_ById(self), 0),
+            BY_PATH_INODE: (self._by_path_kind, 0), MANIFEST_INODE: (_ManifestFile(self), 0)}
 
     @classmethod
     def open(cls, path: Path, *, manifest_digest: str | None = None) -> Index:
@@ -237,113 +619,46 @@ class Index:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- inode classes -------------------------------------------------------------------------
+    # -- what an inode is ----------------------------------------------------------------------
+    def _kind_of(self, inode: int) -> tuple[_Kind, int] | None:
+        """The kind of `inode` and its number within that kind, or None when no inode has that number.
+        The one place that decides it, from the inode numbering alone (no query): whether the inode
+        exists is then its kind's answer."""
+        if inode >= OBJ_BASE:
+            if inode < self.iddir_base:
+                return self._object_kind, inode - OBJ_BASE
+            if inode < self.pdir_base:
+                return self._iddir_kind, inode - self.iddir_base
+            k = inode - self.pdir_base
+            return (self._by_path_kind, k) if 1 <= k <= self._pdirs else None
+        if ABCD_BASE <= inode < ABCD_BASE + 0x10000:
+            return self._abcd_kind, inode - ABCD_BASE
+        if AB_BASE <= inode < ABCD_BASE:
+            return self._ab_kind, inode - AB_BASE
+        return self._fixed_kinds.get(inode)
+
     def is_object(self, inode: int) -> bool:
+        """Whether `inode` is in the objects' range (no query: `fs.py` asks on every open)."""
         return OBJ_BASE <= inode < self.iddir_base
-
-    def _iddir_entry(self, inode: int) -> int | None:
-        """The entry id of a by-id directory inode, or None when `inode` is not one."""
-        if self.iddir_base <= inode < self.pdir_base:
-            i = inode - self.iddir_base
-            if self._db().execute("SELECT 1 FROM lids WHERE id=?", (i,)).fetchone():
-                return i
-        return None
-
-    def _pdir_k(self, inode: int) -> int | None:
-        """k of a by-path directory inode (0 for by-path itself), or None."""
-        if inode == BY_PATH_INODE:
-            return 0
-        k = inode - self.pdir_base
-        return k if 1 <= k <= self._pdirs else None
-
-    def _abcd_exists(self, lo: int, hi: int) -> int | None:
-        """The first 0xabcd in [lo, hi) whose directory images/ab/cd holds an object, or None."""
-        row = self._db().execute("SELECT sha256 FROM entries WHERE sha256 >= ? AND sha256 < ? ORDER BY sha256 "
-                                 "LIMIT 1", (_hash_bound(lo), _hash_bound(hi))).fetchone()
-        return None if row is None else (row[0][0] << 8) | row[0][1]
 
     # -- tree ----------------------------------------------------------------------------------
     def lookup(self, parent_inode: int, name: bytes) -> int | None:
         """The inode of `name` in directory `parent_inode`, or None."""
-        db = self._db()
+        found = self._kind_of(parent_inode)
+        if found is None:
+            return None
+        kind, n = found
         if name == b".":
             attr = self.getattr(parent_inode)
             return parent_inode if attr is not None and attr.is_dir else None
         if name == b"..":
-            return self.parent(parent_inode)
-        if parent_inode == ROOT_INODE:
-            return dict(ROOT_NAMES).get(name)
-        if parent_inode == IMAGES_INODE or AB_BASE <= parent_inode < ABCD_BASE:
-            if len(name) != 2:
-                return None
-            try:
-                v = int(name, 16)
-            except ValueError:
-                return None
-            if name != name.lower() or not name.isalnum():
-                return None
-            if parent_inode == IMAGES_INODE:
-                return AB_BASE + v if self._abcd_exists(v << 8, (v + 1) << 8) is not None else None
-            d = ((parent_inode - AB_BASE) << 8) + v
-            return ABCD_BASE + d if self._abcd_exists(d, d + 1) is not None else None
-        if ABCD_BASE <= parent_inode < ABCD_BASE + 65536:
-            parsed = _sha_from_name(name)
-            if parsed is None:
-                return None
-            sha, ext = parsed
-            if (sha[0] << 8) | sha[1] != parent_inode - ABCD_BASE:
-                return None
-            row = db.execute("SELECT id, content_type FROM entries WHERE sha256=? AND nlink IS NOT NULL",
-                             (sha,)).fetchone()
-            if row is None or extension_for(row[1]).encode() != ext:
-                return None
-            return OBJ_BASE + int(row[0])
-        if parent_inode == BY_ID_INODE:
-            try:
-                lid = name.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-            row = db.execute("SELECT min(id) FROM entries WHERE logical_id=?", (lid,)).fetchone()
-            return None if row[0] is None else self.iddir_base + int(row[0])
-        first = self._iddir_entry(parent_inode)
-        if first is not None:
-            parsed = _sha_from_name(name)
-            if parsed is None:
-                return None
-            for ctype, obj in db.execute("SELECT content_type, coalesce(obj, id) FROM entries WHERE logical_id = "
-                                         "(SELECT logical_id FROM entries WHERE id=?) AND sha256=?",
-                                         (first, parsed[0])):
-                if extension_for(ctype).encode() == parsed[1]:
-                    return OBJ_BASE + int(obj)
-            return None
-        k = self._pdir_k(parent_inode)
-        if k is not None:
-            try:
-                text = name.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-            row = db.execute("SELECT k FROM pdirs WHERE parent_k=? AND name=?", (k, text)).fetchone()
-            if row is not None:
-                return self.pdir_base + int(row[0])
-            row = db.execute("SELECT coalesce(obj, id) FROM entries WHERE parent_k=? AND name=?", (k, text)).fetchone()
-            return None if row is None else OBJ_BASE + int(row[0])
-        return None
+            return kind.parent(n)
+        return kind.lookup(n, name)
 
     def parent(self, inode: int) -> int | None:
         """The inode of '..' of directory `inode` (the root is its own parent), or None."""
-        if inode in (ROOT_INODE, IMAGES_INODE, BY_ID_INODE, BY_PATH_INODE):
-            return ROOT_INODE
-        if AB_BASE <= inode < ABCD_BASE:
-            return IMAGES_INODE if self.getattr(inode) else None
-        if ABCD_BASE <= inode < ABCD_BASE + 65536:
-            return AB_BASE + ((inode - ABCD_BASE) >> 8) if self.getattr(inode) else None
-        if self._iddir_entry(inode) is not None:
-            return BY_ID_INODE
-        k = self._pdir_k(inode)
-        if k:
-            row = self._db().execute("SELECT parent_k FROM pdirs WHERE k=?", (k,)).fetchone()
-            return BY_PATH_INODE if row[0] == 0 else self.pdir_base + int(row[0])
-        return None
+        found = self._kind_of(inode)
+        return None if found is None else found[0].parent(found[1])
 
     def getattr(self, inode: int) -> Attr | None:
         """Attributes of `inode`, or None when there is no such inode. The top directories' (the root,
@@ -359,50 +674,8 @@ class Index:
         return self._getattr(inode)
 
     def _getattr(self, inode: int) -> Attr | None:
-        db = self._db()
-        if self.is_object(inode):
-            row = db.execute("SELECT bytes, nlink, sha256 FROM entries WHERE id=? AND nlink IS NOT NULL",
-                             (inode - OBJ_BASE,)).fetchone()
-            return Attr(inode, False, row[0], row[1], bytes(row[2]).hex()) if row else None
-        if inode == MANIFEST_INODE:
-            return Attr(inode, False, self.manifest_bytes, 1)
-        if inode == ROOT_INODE:
-            return Attr(inode, True, 0, 5)
-        if inode in (IMAGES_INODE, BY_ID_INODE, BY_PATH_INODE):
-            if inode == IMAGES_INODE:
-                nlink = 2 + self._count_ab()
-            elif inode == BY_ID_INODE:
-                nlink = 2 + self._lids
-            else:
-                nlink = 2 + int(db.execute("SELECT count(*) FROM pdirs WHERE parent_k=0").fetchone()[0])
-            return Attr(inode, True, 0, nlink)
-        if AB_BASE <= inode < ABCD_BASE:
-            n = sum(1 for _ in self.readdir_attrs(inode))  # at most 256 index probes
-            return Attr(inode, True, 0, 2 + n) if n else None
-        if ABCD_BASE <= inode < ABCD_BASE + 65536:
-            d = inode - ABCD_BASE
-            return Attr(inode, True, 0, 2) if self._abcd_exists(d, d + 1) is not None else None
-        if self._iddir_entry(inode) is not None:
-            return Attr(inode, True, 0, 2)
-        k = self._pdir_k(inode)
-        if k:
-            row = db.execute("SELECT nlink FROM pdirs WHERE k=?", (k,)).fetchone()
-            return Attr(inode, True, 0, int(row[0])) if row else None
-        return None
-
-    def _count_ab(self) -> int:
-        return sum(1 for _ in self._ab_keys(0))
-
-    def _ab_keys(self, after: int) -> Iterator[int]:
-        """The ab values (0..255) of existing images/ab directories, greater than or equal to `after`."""
-        ab = after
-        while ab < 256:
-            d = self._abcd_exists(ab << 8, 1 << 16)
-            if d is None:
-                return
-            ab = d >> 8
-            yield ab
-            ab += 1
+        found = self._kind_of(inode)
+        return None if found is None else found[0].getattr(found[1])
 
     def readdir(self, inode: int, after: int = 0) -> Iterator[tuple[bytes, int, int]]:
         """(name, inode, next_key) of directory `inode` whose key is greater than `after`, in key order.
@@ -410,134 +683,18 @@ class Index:
         for name, attr, key in self.readdir_attrs(inode, after):
             yield name, attr.inode, key
 
-    def readdir_attrs(self, inode: int, after: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
+    def readdir_attrs(self, inode: int, after: int = 0) -> Listing:
         """Like readdir, with each child's attributes (for readdirplus: no lookup per name)."""
-        db = self._db()
-        if inode == ROOT_INODE:
-            for i, (name, child) in enumerate(ROOT_NAMES):
-                if i + 1 > after:
-                    attr = self.getattr(child)
-                    assert attr is not None
-                    yield name, attr, i + 1
-            return
-        if inode == IMAGES_INODE:
-            for ab in self._ab_keys(after):
-                attr = self.getattr(AB_BASE + ab)
-                if attr is not None:
-                    yield f"{ab:02x}".encode(), attr, ab + 1
-            return
-        if AB_BASE <= inode < ABCD_BASE:
-            ab = inode - AB_BASE
-            cd = after
-            while cd < 256:
-                d = self._abcd_exists((ab << 8) + cd, (ab + 1) << 8)
-                if d is None:
-                    return
-                cd = d & 0xFF
-                yield f"{cd:02x}".encode(), Attr(ABCD_BASE + d, True, 0, 2), cd + 1
-                cd += 1
-            return
-        if ABCD_BASE <= inode < ABCD_BASE + 65536:
-            # Objects in hash order; the key is the inode, and a listing resumes after that object's hash.
-            d = inode - ABCD_BASE
-            hi = _hash_bound(d + 1)
-            if after:
-                row = db.execute("SELECT sha256 FROM entries WHERE id=?", (after - OBJ_BASE,)).fetchone()
-                if row is None:
-                    return
-                lo, op = row[0], ">"
-            else:
-                lo, op = _hash_bound(d), ">="
-            while True:
-                rows = db.execute(f"SELECT id, bytes, nlink, sha256, content_type FROM entries WHERE sha256 {op} ? "
-                                  "AND sha256 < ? AND nlink IS NOT NULL ORDER BY sha256 LIMIT ?",
-                                  (lo, hi, _PAGE)).fetchall()
-                for i, size, nlink, sha, ctype in rows:
-                    hexsha = bytes(sha).hex()
-                    child = OBJ_BASE + i
-                    yield f"{hexsha}.{extension_for(ctype)}".encode(), Attr(child, False, size, nlink, hexsha), child
-                if len(rows) < _PAGE:
-                    return
-                lo, op = rows[-1][3], ">"
-        if inode == BY_ID_INODE:
-            while True:
-                rows = db.execute("SELECT l.id, e.logical_id FROM lids l JOIN entries e ON e.id = l.id "
-                                  "WHERE l.id >= ? ORDER BY l.id LIMIT ?", (after, _PAGE)).fetchall()
-                for i, lid in rows:
-                    yield lid.encode("utf-8"), Attr(self.iddir_base + i, True, 0, 2), i + 1
-                if len(rows) < _PAGE:
-                    return
-                after = rows[-1][0] + 1
-        first = self._iddir_entry(inode)
-        if first is not None:
-            # The files of by-id/<id>: one per distinct object among the lines with that id.
-            rows = db.execute(
-                f"SELECT e.id, e.sha256, e.content_type, {OBJ_BASE} + o.id, o.bytes, o.nlink FROM entries e "
-                "JOIN entries o ON o.id = coalesce(e.obj, e.id) WHERE e.logical_id = "
-                "(SELECT logical_id FROM entries WHERE id=?) AND e.id >= ? ORDER BY e.id",
-                (first, after)).fetchall()
-            seen: set[bytes] = set()
-            for i, sha, ctype, child, size, nlink in rows:
-                hexsha = bytes(sha).hex()
-                name = f"{hexsha}.{extension_for(ctype)}".encode()
-                if name in seen or db.execute("SELECT 1 FROM entries WHERE logical_id = (SELECT logical_id FROM "
-                                              "entries WHERE id=?) AND sha256=? AND id<? LIMIT 1",
-                                              (first, sha, i)).fetchone():
-                    continue
-                seen.add(name)
-                yield name, Attr(child, False, size, nlink, hexsha), i + 1
-            return
-        k = self._pdir_k(inode)
-        if k is not None:
-            yield from self._readdir_by_path(k, after)
-
-    def _readdir_by_path(self, k: int, after: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """A by-path directory: its subdirectories (key: their k, 1..P), then its files (key: P + 1 + entry
-        id), each in name order; a listing resumes after the name of the key's directory or file."""
-        db = self._db()
-        files_from = self._pdirs + 1
-        last: str | None = None
-        if after < files_from:
-            if after:
-                row = db.execute("SELECT name FROM pdirs WHERE k=?", (after,)).fetchone()
-                if row is None:
-                    return
-                last = row[0]
-            while True:
-                rows = db.execute("SELECT k, name, nlink FROM pdirs WHERE parent_k=? AND name > ? ORDER BY name "
-                                  "LIMIT ?", (k, "" if last is None else last, _PAGE)).fetchall()
-                for child_k, name, nlink in rows:
-                    yield name.encode(), Attr(self.pdir_base + child_k, True, 0, nlink), child_k
-                if len(rows) < _PAGE:
-                    break
-                last = rows[-1][1]
-            last = None
-        else:
-            row = db.execute("SELECT name FROM entries WHERE id=?", (after - files_from,)).fetchone()
-            if row is None or row[0] is None:
-                return
-            last = row[0]
-        while True:
-            rows = db.execute(
-                f"SELECT e.id, e.name, {OBJ_BASE} + o.id, o.bytes, o.nlink, o.sha256 FROM entries e JOIN entries o "
-                "ON o.id = coalesce(e.obj, e.id) WHERE e.parent_k=? AND e.name > ? ORDER BY e.name LIMIT ?",
-                (k, "" if last is None else last, _PAGE)).fetchall()
-            for i, name, child, size, nlink, sha in rows:
-                yield name.encode(), Attr(child, False, size, nlink, bytes(sha).hex()), files_from + i
-            if len(rows) < _PAGE:
-                return
-            last = rows[-1][1]
+        found = self._kind_of(inode)
+        return iter(()) if found is None else found[0].readdir(found[1], after)
 
     # -- objects and entries -------------------------------------------------------------------
     def object_for_inode(self, inode: int) -> Entry:
         """The manifest entry (first line) of the object `inode`; NotFound if it is not an object."""
-        row = None
-        if self.is_object(inode):
-            row = self._db().execute(f"{_ENTRY_SELECT} WHERE e.id=? AND e.nlink IS NOT NULL",
-                                     (inode - OBJ_BASE,)).fetchone()
-        if row is None:
+        entry = self._object_kind.entry(inode - OBJ_BASE) if self.is_object(inode) else None
+        if entry is None:
             raise NotFound(f"inode {inode}: not an object of this manifest")
-        return _entry(row)
+        return entry
 
     def xattrs(self, inode: int) -> dict[str, bytes]:
         """The contract's `user.s3fsimg.*` attributes of an object (those it has); {} for others.
@@ -546,18 +703,7 @@ class Index:
         height and etag each come from the object's first line that has the field (its lines share its
         bytes, so width, height and etag agree): its first row, else `objattrs` (built with the index).
         One query of two primary-key probes, however many lines name the object."""
-        if not self.is_object(inode):
-            return {}
-        row = self._db().execute(
-            "SELECT e.sha256, e.content_type, coalesce(e.logical_id, a.logical_id), coalesce(e.width, a.width), "
-            "coalesce(e.height, a.height), coalesce(e.etag, a.etag) FROM entries e "
-            "LEFT JOIN objattrs a ON a.id = e.id WHERE e.id=? AND e.nlink IS NOT NULL",
-            (inode - OBJ_BASE,)).fetchone()
-        if row is None:
-            return {}
-        values = {"sha256": bytes(row[0]).hex(), "logical_id": row[2], "width": row[3], "height": row[4],
-                  "content_type": row[1], "etag": row[5]}
-        return {f"{XATTR_PREFIX}{k}": str(v).encode() for k, v in values.items() if v is not None}
+        return self._object_kind.xattrs(inode - OBJ_BASE) if self.is_object(inode) else {}
 
     def by_sha256(self, sha256: str) -> Entry | None:
         """The first entry of the object with this hash (with the object's etag)."""

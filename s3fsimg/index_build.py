@@ -356,7 +356,7 @@ def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_cou
         started = now
 
     db.execute("BEGIN")
-    db.execute(INDEXES[0])
+    db.execute(INDEXES["entries_sha256"])
     lap("index sha256")
     db.execute("CREATE TEMP TABLE dups(sha256 BLOB PRIMARY KEY, first INTEGER NOT NULL) WITHOUT ROWID")
     db.execute("INSERT INTO dups SELECT sha256, min(id) FROM entries GROUP BY sha256 HAVING count(*) > 1")
@@ -388,14 +388,14 @@ def _derive(db: sqlite3.Connection, manifest_file: Path, *, name: str, entry_cou
                "WHERE f.logical_id IS NULL OR f.width IS NULL OR f.height IS NULL OR f.etag IS NULL")
     db.execute("DROP TABLE dups")
     lap("objects")
-    db.execute(INDEXES[1])
+    db.execute(INDEXES["entries_logical_id"])
     lap("index logical_id")
     try:
-        db.execute(INDEXES[2])
+        db.execute(INDEXES["entries_name"])
     except sqlite3.IntegrityError:
         _explain_name_conflict(db, manifest_file, name)
         raise
-    db.execute(INDEXES[3])
+    db.execute(INDEXES["pdirs_name"])
     lap("index by-path names")
     row = db.execute("SELECT e.id, e.source_path FROM pdirs d CROSS JOIN entries e ON e.parent_k = d.parent_k "
                      "AND e.name = d.name ORDER BY e.id LIMIT 1").fetchone()

@@ -17,6 +17,7 @@ from s3fsimg.index import (
     BY_ID_INODE,
     BY_PATH_INODE,
     IMAGES_INODE,
+    INDEXES,
     MANIFEST_INODE,
     OBJ_BASE,
     ROOT_INODE,
@@ -127,6 +128,55 @@ def test_lookup_misses(small: Index) -> None:
     assert small.getattr(10**12) is None
     with pytest.raises(NotFound):
         small.object_for_inode(IMAGES_INODE)
+
+
+def test_inodes_that_are_not_there_and_names_that_are_not_listed(small: Index) -> None:
+    """Each kind of inode answers for numbers in its range that name nothing (no attributes, no names, no
+    listing, no parent), and a lookup finds only the names readdir lists."""
+    used_ab = {int(sha(i)[:2], 16) for i in range(4)}
+    free_ab = min(set(range(256)) - used_ab)
+    ab = int(sha(0)[:2], 16)
+    free_abcd = min(set(range(ab << 8, (ab + 1) << 8)) - {int(sha(i)[:4], 16) for i in range(4)})
+    ab_base, abcd_base = 16, 16 + 256  # the numbering of images/ab and images/ab/cd
+    assert small.lookup(IMAGES_INODE, f"{ab:02x}".encode()) == ab_base + ab
+    absent = [
+        6, 15, abcd_base + 0x10000, OBJ_BASE - 1,  # between the ranges
+        ab_base + free_ab, abcd_base + free_abcd,  # images/ab and images/ab/cd that hold no object
+        OBJ_BASE + 2,  # a later line of object 0 is not an inode of its own
+        small.iddir_base + 3, small.iddir_base + 4,  # no logical id; not the first line with id A
+        small.pdir_base, small.pdir_base + 6, small.pdir_base + 10**6,  # by-path directories are 1..4
+    ]
+    for inode in absent:
+        assert small.getattr(inode) is None, inode
+        assert small.parent(inode) is None, inode
+        assert list(small.readdir(inode)) == [], inode
+        assert small.lookup(inode, b".") is None and small.lookup(inode, b"..") is None, inode
+        assert small.xattrs(inode) == {}, inode
+    assert small.lookup(small.iddir_base + 4, f"{sha(3)}.png".encode()) is None  # by-id/A/<sha3> is in iddir 0
+    assert small.lookup(small.iddir_base, f"{sha(3)}.png".encode()) is not None
+    # files: no names in them, no parent; manifest.jsonl is a file of the root
+    for file_inode in (MANIFEST_INODE, OBJ_BASE):
+        assert small.lookup(file_inode, b".") is None and small.parent(file_inode) is None
+        assert small.lookup(file_inode, b"x") is None and list(small.readdir(file_inode)) == []
+    assert small.lookup(ROOT_INODE, b"manifest.jsonl") == MANIFEST_INODE
+    assert small.lookup(ROOT_INODE, b"..") == ROOT_INODE and small.lookup(BY_PATH_INODE, b"..") == ROOT_INODE
+    # names: only as listed (lowercase hex), and not-UTF-8 names are simply absent
+    images_cd = abcd_base + int(sha(0)[:4], 16)
+    listed = f"{sha(0)}.png".encode()
+    for parent in (images_cd, small.iddir_base):  # images/ab/cd/ and by-id/A/
+        assert small.lookup(parent, listed) == OBJ_BASE
+        assert small.lookup(parent, listed[:64].upper() + b".png") is None
+    assert small.lookup(BY_ID_INODE, b"\xff") is None and small.lookup(BY_PATH_INODE, b"\xff") is None
+
+
+def test_indexes_are_named_as_built(small: Index) -> None:
+    """The build creates each index of `INDEXES` by its name, and no other."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{small.path}?mode=ro", uri=True) as db:
+        built = {name: sql for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type='index' "
+                                                       "AND sql IS NOT NULL")}
+    assert built == INDEXES
 
 
 def test_entries_xattrs_and_ids(small: Index) -> None:
