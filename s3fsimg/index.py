@@ -9,9 +9,8 @@ distinct sha256) is not a table: it is the row of its first line, found through 
 also lists `images/ab/cd` in hash order (a name there is `<sha256>.<ext>`, so a lookup is one index
 probe on the hash). The rare later lines of an object point at that first row (`obj`). `by-id/` is a
 view of `entries` through its logical_id index; `by-path/` names are columns of `entries` (`parent_k`,
-`name`) plus one `pdirs` row per directory, because a source tree is arbitrary. A 1,000,000-entry
-index is ~250 MB. It is opened read-only (`mode=ro`) for serving; its `metadata` (format version,
-manifest digest) is checked on open.
+`name`) plus one `pdirs` row per directory, because a source tree is arbitrary. An index is opened
+read-only (`mode=ro`) for serving; its `metadata` (format version, manifest digest) is checked on open.
 
 Inode numbers: each a function of manifest order only, so stable across rebuilds and remounts of the
 same manifest (E = number of entries)::

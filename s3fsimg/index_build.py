@@ -5,16 +5,15 @@ else is derived from that table by SQL that runs in C. Lines go through `manifes
 tuple straight from a regex, no dict, no Entry; it agrees with `parse_line` by property test) and only
 non-canonical or bad lines through `parse_line` (json.loads + `parse_entry`), both by `parse_fields`.
 
-Where the time goes at 1,000,000 lines (2 cores, measured; `build_index` returns the phases):
 `index_load.ensure_index` runs the build in a child process (`python -m s3fsimg.index_build build`),
-so a mount never holds the builder's memory (~70 MB; its helper ~55 MB). That process parses the
-first half of the manifest while a helper process (`... part`) parses the second half, split at a
-line boundary, into its own temporary database (~3.5 s for both); it then appends the helper's rows
-with an id offset, renumbering its by-path directories into the whole manifest's order of first
-appearance (~0.5 s). Then, in SQL: the hash index (~0.7 s), the objects named on several lines and
-their link counts (~1.3 s for 50,000 such objects), the logical_id and by-path name indexes (~0.7 s),
-`lids` and directory link counts (~0.5 s); ~7.5 s in all. Errors name the manifest line: a helper's
-line numbers are offset by the lines before its part.
+so a mount never holds the builder's memory. That process parses the first part of the manifest while
+helper processes (`... part`) parse the later parts, split at line boundaries, each into its own
+temporary database; it then appends each helper's rows with an id offset, renumbering its by-path
+directories into the whole manifest's order of first appearance. Then, in SQL: the hash index, the
+objects named on several lines and their link counts, the logical_id and by-path name indexes, `lids`
+and directory link counts. `build_index` returns the time of each phase; docs/benchmarks.md gives the
+build's time and memory at 1,000,000 entries. Errors name the manifest line: a helper's line numbers are
+offset by the lines before its part.
 
 An index is built into `<dest>.tmp-<pid>-<thread>` and renamed into place last (after fsync), so a
 half-built index is never opened, and nothing is left at `dest` or beside it on any failure.
@@ -193,7 +192,7 @@ def _parse_part(db: sqlite3.Connection, manifest_file: Path, start: int, end: in
 
 def _lines(manifest_file: Path, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The lines in bytes [start, end) of a file (both at line starts), without their newlines; read
-    a MB at a time (3x faster than iterating over the file)."""
+    a MB at a time."""
     with open(manifest_file, "rb") as f:
         f.seek(start)
         left = end - start
