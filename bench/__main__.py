@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import ROOT, Lab, Report, step
-from tests.lab.images import make_dataset
+from s3fsimg_lab.images import make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

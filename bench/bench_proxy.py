@@ -1,4 +1,4 @@
-"""Benchmark of the lab proxy: boto3 GETs straight to moto vs. through ``tests.lab.proxy``.
+"""Benchmark of the lab proxy: boto3 GETs straight to moto vs. through ``s3fsimg_lab.proxy``.
 
 Owns nothing the product uses; it answers one question: is the proxy the bottleneck? It starts its own moto
 server and proxy, uploads small and large objects, then runs the same GET workload (8 threads) directly and
@@ -17,14 +17,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.update({"AWS_CONFIG_FILE": "/nonexistent/config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/creds"})
 
-from tests.lab.moto import MotoServer, s3_client
-from tests.lab.proxy import LabProxy
+from s3fsimg_lab.moto import MotoServer, s3_client
+from s3fsimg_lab.proxy import LabProxy
 
 BUCKET = "bench-proxy"
 

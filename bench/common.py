@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from s3fsimg.mount import mount_info
+from s3fsimg_lab.moto import MotoServer, lab_env, s3_client
+from s3fsimg_lab.procs import stop_process
+from s3fsimg_lab.proxy import LabProxy
 
-from s3fsimg.mount import mount_info  # noqa: E402
-from tests.lab.moto import MotoServer, lab_env, s3_client  # noqa: E402
-from tests.lab.procs import stop_process  # noqa: E402
-from tests.lab.proxy import LabProxy  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

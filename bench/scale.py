@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, Lab, Report, is_mounted, step, unmount_and_stop, vm_hwm_mb
-from tests.lab.moto import s3_client
+from s3fsimg_lab.moto import s3_client
 
 DUP_EVERY = 20  # every 20th line names the previous line's object again (another id, another source path)
 DIRS = 1000  # source folders of the by-path tree

@@ -40,14 +40,16 @@ for dir in "$HOME/.local/bin" /usr/local/bin; do
 done
 export PATH
 
-# The project environment, from the hashed lock (rebuilt when the lock changes).
+# The project environment, from the hashed lock (rebuilt when the lock or a pyproject.toml changes).
 stamp=.venv/.lock-sha256
-want=$(sha256sum requirements/dev.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(sha256sum requirements/dev.lock pyproject.toml lab/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "creating .venv from requirements/dev.lock"
     [ -x .venv/bin/python ] || uv venv --quiet --python python3 .venv
     uv pip install --quiet --python .venv/bin/python --require-hashes -r requirements/dev.lock
     uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+    # the test lab (moto server, fault proxy, images), a dev package that tests, bench and scripts import
+    uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e lab
     echo "$want" > "$stamp"
 fi
 

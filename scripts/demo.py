@@ -17,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from s3fsimg_lab.images import make_dataset
+from s3fsimg_lab.moto import MotoServer, s3_client
 
-from tests.lab.images import make_dataset  # noqa: E402
-from tests.lab.moto import MotoServer, s3_client  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def step(title: str) -> None:

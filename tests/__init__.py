@@ -1,1 +1,1 @@
-"""Tests for s3fsimg. ``tests.lab`` holds the S3 test lab (moto server, fault proxy, sample images)."""
+"""Tests for s3fsimg. ``s3fsimg_lab`` holds the S3 test lab (moto server, fault proxy, sample images)."""

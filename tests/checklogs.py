@@ -1,7 +1,7 @@
 """Fail tests on unexpected warnings: a pytest plugin plus :func:`expect_logs` to declare the expected ones.
 
 While a test runs (its setup, call and teardown phases), every record at WARNING or above that a logger
-under ``s3fsimg`` or ``tests.lab`` emits in the pytest process, from any thread, is collected. At the end
+under ``s3fsimg`` or ``s3fsimg_lab`` emits in the pytest process, from any thread, is collected. At the end
 of each phase, undeclared records fail that phase with their logger, level and message — the call phase
 as a test failure, setup/teardown as a test error. If the phase already failed for another reason, that
 failure is reported and the records are not (pytest's "Captured log" section still shows them).
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import pytest
 
-CHECKED_LOGGERS = ("s3fsimg", "tests.lab")
+CHECKED_LOGGERS = ("s3fsimg", "s3fsimg_lab")
 CHECKED_LEVEL = logging.WARNING
 
 

@@ -2,9 +2,9 @@
 
 Fixtures (scope → what they yield):
 
-* ``moto_server`` (session) → :class:`tests.lab.moto.MotoServer`, running; ``.url``.
+* ``moto_server`` (session) → :class:`s3fsimg_lab.moto.MotoServer`, running; ``.url``.
 * ``moto_client`` (session) → boto3 S3 client straight to moto (setup/inspection that the proxy must not count).
-* ``lab_proxy`` (session) → :class:`tests.lab.proxy.LabProxy` in front of moto.
+* ``lab_proxy`` (session) → :class:`s3fsimg_lab.proxy.LabProxy` in front of moto.
 * ``proxy`` (function) → the session proxy with faults cleared and counters reset; faults cleared again after.
 * ``proxy_client`` (function) → boto3 S3 client through the proxy (botocore default retries).
 * ``bucket`` (function) → name of a fresh, uniquely named bucket created directly on moto.
@@ -13,13 +13,13 @@ Fixtures (scope → what they yield):
 * ``s3_env`` (function) → dict of the product's env vars (S3_BUCKET, S3_ENDPOINT_URL=proxy URL,
   S3_ADDRESSING_STYLE=path, fake AWS keys, AWS_REGION, DATASET_CACHE_DIR, no real AWS config), also set in
   ``os.environ`` via monkeypatch.
-* ``sample_set`` (session) → :class:`tests.lab.images.SampleSet` of 120 small images (read-only, shared).
+* ``sample_set`` (session) → :class:`s3fsimg_lab.images.SampleSet` of 120 small images (read-only, shared).
 * ``sample_dir`` (function) → a private copy of ``sample_set`` under ``tmp_path`` (a SampleSet; it is also
   ``os.PathLike`` and supports ``/``, so ``Path(sample_dir)`` and ``str(sample_dir)`` give its root).
 * ``large_set`` (session) → SampleSet of 4 large (1–3 MB) noise PNGs under ``large/`` (read-only).
 
 Unexpected logs fail tests: the plugin :mod:`tests.checklogs` (loaded below) fails a test in whose setup, call
-or teardown a logger under ``s3fsimg`` or ``tests.lab`` emits a WARNING or worse in this process (from any
+or teardown a logger under ``s3fsimg`` or ``s3fsimg_lab`` emits a WARNING or worse in this process (from any
 thread; child processes such as mounts and cache workers are not watched). A test that provokes one on
 purpose declares it with ``with tests.checklogs.expect_logs(pattern, level=logging.WARNING, count=None):``
 (``pattern`` is a regex searched in the message; ``count=N`` demands exactly N). See that module's docstring.
@@ -38,9 +38,9 @@ from typing import Any
 
 import pytest
 
-from tests.lab.images import SampleSet, make_dataset
-from tests.lab.moto import MotoServer, lab_env, make_public, s3_client
-from tests.lab.proxy import LabProxy
+from s3fsimg_lab.images import SampleSet, make_dataset
+from s3fsimg_lab.moto import MotoServer, lab_env, make_public, s3_client
+from s3fsimg_lab.proxy import LabProxy
 
 pytest_plugins = ["tests.checklogs"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.procs import stop_process
+from s3fsimg_lab.procs import stop_process
 
 
 def fake_manifest(path: Path, n: int, *, dirs: int = 1000, dup_every: int = 0, with_ids: bool = True,

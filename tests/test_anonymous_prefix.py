@@ -11,7 +11,7 @@ from typing import Any
 from s3fsimg.config import Config
 from s3fsimg.dataset import Dataset
 from s3fsimg.uploader import upload
-from tests.lab.images import SampleSet
+from s3fsimg_lab.images import SampleSet
 
 ROOT = Path(__file__).resolve().parent.parent
 

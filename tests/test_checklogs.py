@@ -45,12 +45,12 @@ def test_wrong_count_fails() -> None:
 def test_undeclared_and_wrong_level_records_are_collected() -> None:
     with expect_logs("retry", level=logging.WARNING):
         log.error("retry failed")  # an ERROR is not excused by a WARNING declaration
-    logging.getLogger("tests.lab.selftest").warning("lab warning")
+    logging.getLogger("s3fsimg_lab.selftest").warning("lab warning")
     logging.getLogger("elsewhere").warning("not watched")
     got = [(r.name, r.levelname, r.getMessage()) for r in _COLLECTOR.drain()]  # drained: this test passes
     assert got == [
         ("s3fsimg.checklogs_selftest", "ERROR", "retry failed"),
-        ("tests.lab.selftest", "WARNING", "lab warning"),
+        ("s3fsimg_lab.selftest", "WARNING", "lab warning"),
     ]
 
 

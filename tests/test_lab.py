@@ -28,9 +28,9 @@ from botocore.exceptions import (
 )
 from PIL import Image
 
-from tests.lab.images import SampleSet, make_dataset, make_large_image
-from tests.lab.moto import MotoServer, s3_client
-from tests.lab.proxy import Fault, LabProxy, key_of
+from s3fsimg_lab.images import SampleSet, make_dataset, make_large_image
+from s3fsimg_lab.moto import MotoServer, s3_client
+from s3fsimg_lab.proxy import Fault, LabProxy, key_of
 
 # Clients that see the proxy's raw behaviour: one attempt, short timeouts, no checksum validation
 # (moto returns the CRC the client uploaded, and botocore would otherwise hide a flipped byte behind its own
@@ -148,7 +148,7 @@ def test_public_bucket_anonymous_through_proxy(proxy: LabProxy, moto_client: Any
     with pytest.raises(ClientError) as err:
         anon.get_object(Bucket=bucket, Key="pub.txt")
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-    from tests.lab.moto import make_public
+    from s3fsimg_lab.moto import make_public
 
     make_public(moto_client, bucket)
     assert anon.get_object(Bucket=bucket, Key="pub.txt")["Body"].read() == b"public"

@@ -27,8 +27,8 @@ import pytest
 
 from s3fsimg.config import Config
 from s3fsimg.manifest import Entry, iter_entries
-from tests.lab.images import SampleSet
-from tests.lab.proxy import LabProxy
+from s3fsimg_lab.images import SampleSet
+from s3fsimg_lab.proxy import LabProxy
 from tests.mountutil import MountProcess, fuse_test, is_mounted
 
 pytestmark = [fuse_test, pytest.mark.fuse]

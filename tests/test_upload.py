@@ -28,11 +28,11 @@ from s3fsimg.blockmap import BlockMap, blockmap_key
 from s3fsimg.config import Config
 from s3fsimg.manifest import parse_line
 from s3fsimg.uploader import HEAD_LIMIT, hash_cache_path, upload
+from s3fsimg_lab.images import SampleSet, make_dataset, make_large_image
+from s3fsimg_lab.moto import free_port
+from s3fsimg_lab.procs import stop_process
+from s3fsimg_lab.proxy import LabProxy
 from tests.checklogs import expect_logs
-from tests.lab.images import SampleSet, make_dataset, make_large_image
-from tests.lab.moto import free_port
-from tests.lab.procs import stop_process
-from tests.lab.proxy import LabProxy
 from tests.test_manifest import png_bytes, write_mpo, write_old_hash_cache
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.lab.procs import kill_process, stop_process
+from s3fsimg_lab.procs import kill_process, stop_process
 
 LOOPBACK = "127.0.0.1"
 ACCESS_KEY = "testing"

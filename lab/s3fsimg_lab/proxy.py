@@ -2,7 +2,7 @@
 
 Owns two things:
 
-* the proxy process, ``python -m tests.lab.proxy --upstream URL [--port P] [--control-port C]``: it forwards
+* the proxy process, ``python -m s3fsimg_lab.proxy --upstream URL [--port P] [--control-port C]``: it forwards
   every request unchanged (method, path, query, headers incl. ``Host``, Content-Length and chunked /
   aws-chunked bodies) to the upstream over a keep-alive connection owned by the client connection's thread,
   streams the response back, counts requests and bytes by method and key, and injects faults chosen at run
@@ -53,7 +53,7 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
-from tests.lab.procs import kill_process, stop_process
+from s3fsimg_lab.procs import kill_process, stop_process
 
 FAULT_KINDS = ("latency_ms", "bandwidth_bps", "refuse", "error_status", "truncate", "flip_byte", "hang")
 LAB_PREFIX = "/__lab__/"
@@ -847,8 +847,8 @@ def _watch_parent(ppid: int, server: ProxyServer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tests.lab.proxy``."""
-    ap = argparse.ArgumentParser(prog="python -m tests.lab.proxy", description=__doc__.split("\n")[0])
+    """Entry point of ``python -m s3fsimg_lab.proxy``."""
+    ap = argparse.ArgumentParser(prog="python -m s3fsimg_lab.proxy", description=__doc__.split("\n")[0])
     ap.add_argument("--upstream", required=True, help="upstream URL, e.g. http://127.0.0.1:5000")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="data port (0 = any free port)")
@@ -914,16 +914,17 @@ class LabProxy:
     def start(self) -> LabProxy:
         """Start the process and wait until its control port answers."""
         ready = Path(self._tmp.name) / "ready.json"
-        root = str(Path(__file__).resolve().parents[2])
+        # The child imports this same copy of the lab (installed editable, or on PYTHONPATH already).
+        lab_dir = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = lab_dir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
-                    "tests.lab.proxy",
+                    "s3fsimg_lab.proxy",
                     "--upstream",
                     self.upstream,
                     "--ready-file",
@@ -935,7 +936,7 @@ class LabProxy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=root,
+                cwd=lab_dir,
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout
