@@ -103,10 +103,30 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Program(click.Group):
+    """The command group; also takes the FUSE mount helper's form `s3fsimg BUCKET MOUNTPOINT -o opts`
+    (what `mount -t fuse.s3fsimg` and /etc/fstab run, through mount.fuse3) as a `mount` (see fstab.py)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from s3fsimg.fstab import apply, is_helper_call, translate
+
+        if is_helper_call(args, self.commands):
+            try:
+                args = apply(translate(args))
+            except S3fsimgError as exc:
+                _fail(str(exc), exc.exit_code)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Program, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="s3fsimg")
 def main() -> None:
-    """Content-addressed image datasets in S3: upload, validate, fetch through a cache, mount read-only."""
+    """Content-addressed image datasets in S3: upload, validate, fetch through a cache, mount read-only.
+
+    \b
+    Also the FUSE mount helper (/etc/fstab, mount -t fuse.s3fsimg):
+      s3fsimg BUCKET MOUNTPOINT -o ro,allow_other,cache_dir=/var/cache/s3fsimg,env_file=/etc/s3fsimg/ds.env
+    """
 
 
 # -- write side -----------------------------------------------------------------------------------
