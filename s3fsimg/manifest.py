@@ -97,6 +97,8 @@ def source_path_problem(value: str) -> str | None:
         return "contains '..'"
     if any(p in ("", ".") for p in parts):
         return "has an empty or '.' component"
+    if not is_utf8(value):  # a lone surrogate from a JSON escape: no file has that name, SQLite cannot store it
+        return "is not valid UTF-8"
     return None
 
 
@@ -129,7 +131,8 @@ class EntryProblem(ValueError):
     """One problem in one line: `field` is the JSON field (or None for the line as a whole)."""
 
     def __init__(self, field: str | None, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
+        shown = field if field in FIELDS else quoted(field)  # a name the line made up: one short line, escaped
+        super().__init__(f"{shown}: {message}" if field else message)
         self.field = field
         self.message = message
 
@@ -138,7 +141,7 @@ def _path_problem(path: str, sha256: str, content_type: str) -> EntryProblem | N
     expected = object_path(sha256, content_type)
     if path == expected:
         return None
-    return EntryProblem("path", f"{path!r} does not agree with sha256 and content_type (expected {expected!r})")
+    return EntryProblem("path", f"{quoted(path)} does not agree with sha256 and content_type (expected {expected!r})")
 
 
 #: The largest integer a manifest may hold (SQLite's, which the index and the validator use; S3's
@@ -178,16 +181,16 @@ def parse_entry(obj: Any) -> Entry:
         raise EntryProblem(sorted(unknown)[0], "is not a manifest field")
     sha = obj["sha256"]
     if not isinstance(sha, str) or not SHA256_RE.match(sha):
-        raise EntryProblem("sha256", f"{sha!r} is not 64 lowercase hex digits")
+        raise EntryProblem("sha256", f"{quoted(sha)} is not 64 lowercase hex digits")
     size = obj["bytes"]
     if not _is_int(size) or not 0 <= size <= MAX_INT:
         raise EntryProblem("bytes", f"{quoted(size)} is not an integer from 0 to 2^63-1")
     ctype = obj["content_type"]
     if not isinstance(ctype, str) or not _CONTENT_TYPE_RE.match(ctype):
-        raise EntryProblem("content_type", f"{ctype!r} is not an image/... content type")
+        raise EntryProblem("content_type", f"{quoted(ctype)} is not an image/... content type")
     path = obj["path"]
     if not isinstance(path, str) or not _PATH_RE.match(path):
-        raise EntryProblem("path", f"{path!r} is not images/ab/cd/<sha256>.<ext>")
+        raise EntryProblem("path", f"{quoted(path)} is not images/ab/cd/<sha256>.<ext>")
     wrong_path = _path_problem(path, sha, ctype)
     if wrong_path:
         raise wrong_path
@@ -198,20 +201,22 @@ def parse_entry(obj: Any) -> Entry:
     lid = obj.get("logical_id", _MISSING)
     if lid is not _MISSING:
         if not isinstance(lid, str):
-            raise EntryProblem("logical_id", f"{lid!r} is not a string")
+            raise EntryProblem("logical_id", f"{quoted(lid)} is not a string")
         problem = logical_id_problem(lid)
         if problem:
-            raise EntryProblem("logical_id", f"{lid!r} {problem}")
+            raise EntryProblem("logical_id", f"{quoted(lid)} {problem}")
     etag = obj.get("etag", _MISSING)
     if etag is not _MISSING and (not isinstance(etag, str) or not _ETAG_RE.match(etag)):
-        raise EntryProblem("etag", f"{etag!r} is not an ETag in double quotes, as S3 returns it")
+        raise EntryProblem("etag", f"{quoted(etag)} is not an ETag in double quotes, as S3 returns it")
+    if isinstance(etag, str) and not is_utf8(etag):
+        raise EntryProblem("etag", f"{quoted(etag)} is not valid UTF-8")
     src = obj.get("source_path", _MISSING)
     if src is not _MISSING:
         if not isinstance(src, str):
-            raise EntryProblem("source_path", f"{src!r} is not a string")
+            raise EntryProblem("source_path", f"{quoted(src)} is not a string")
         problem = source_path_problem(src)
         if problem:
-            raise EntryProblem("source_path", f"{src!r} {problem}")
+            raise EntryProblem("source_path", f"{quoted(src)} {problem}")
     width, height = obj.get("width"), obj.get("height")
     return Entry(sha256=sha, path=path, bytes=int(size), content_type=ctype,
                  width=None if width is None else int(width), height=None if height is None else int(height),
@@ -374,10 +379,19 @@ def line_problems(obj: Any) -> list[EntryProblem]:
         message = err.message
         if err.validator == "pattern" and field in _PATTERN_MEANING:
             message = f"{quoted(err.instance)} does not match {_PATTERN_MEANING[field]}"
+        elif err.validator == "additionalProperties" and field is None and isinstance(obj, dict):
+            unknown = sorted(k for k in obj if k not in FIELDS)  # (jsonschema's message holds each name whole)
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            verb = "was" if len(unknown) == 1 else "were"
+            names = ", ".join(quoted(k) for k in unknown[:3])
+            message = f"Additional properties are not allowed ({names}{more} {verb} unexpected)"
+            key = (err.validator, message)
         else:
             full = repr(err.instance)
             if len(full) > 100:
                 message = message.replace(full, quoted(err.instance))
+            if len(message) > 300:  # a long value quoted inside jsonschema's words: a message stays short
+                message = message[:280] + "..."
             if field is None:  # the line as a whole: "'bytes' is a required property", additional properties
                 key = (err.validator, message)
         found.setdefault(key, EntryProblem(field, message))
@@ -391,6 +405,8 @@ def line_problems(obj: Any) -> list[EntryProblem]:
         if ok("logical_id"):
             problem = logical_id_problem(obj["logical_id"])
             extra.append(EntryProblem("logical_id", f"{quoted(obj['logical_id'])} {problem}") if problem else None)
+        if ok("etag") and not is_utf8(obj["etag"]):
+            extra.append(EntryProblem("etag", f"{quoted(obj['etag'])} is not valid UTF-8"))
         if ok("source_path"):
             problem = source_path_problem(obj["source_path"])
             extra.append(EntryProblem("source_path", f"{quoted(obj['source_path'])} {problem}") if problem else None)

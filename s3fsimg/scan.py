@@ -18,6 +18,7 @@ re-run skip reading files that have not changed since they were hashed.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import errno
@@ -69,16 +70,29 @@ class LogicalMap:
         by_path: dict[str, tuple[str, int]] = {}
         by_name: dict[str, tuple[str, int]] = {}
         try:
-            # utf-8-sig: a BOM (what Excel and Notepad write) is not part of the first row's filename
-            f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115
+            raw = Path(path).read_bytes()
         except OSError as exc:
             # DATASET_LOGICAL_MAP / --logical-map names it: a configuration error (exit 2), before any work
             raise ConfigError(f"{path}: cannot read the logical map: {exc.strerror}") from None
-        with f:
-            try:
-                rows = list(enumerate(csv.reader(f), 1))
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise UsageError(f"{path}: not a readable CSV file: {exc}") from None
+        # A BOM (what Excel and Notepad write) is not part of the first row's filename
+        body = raw[3:] if raw.startswith(codecs.BOM_UTF8) else raw
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            lineno = body.count(b"\n", 0, exc.start) + 1
+            column = exc.start - body.rfind(b"\n", 0, exc.start)
+            raise UsageError(f"{path}:{lineno}: not UTF-8 (byte {body[exc.start:exc.start + 1]!r} at column "
+                             f"{column})") from None
+        # (the line each row starts on, the row): a quoted field may span lines, so rows are numbered by line
+        rows: list[tuple[int, list[str]]] = []
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            start = 1
+            for row in reader:
+                rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise UsageError(f"{path}:{reader.line_num}: not a readable CSV row: {exc}") from None
         for lineno, row in rows:
             if not row or all(not c.strip() for c in row):
                 continue
