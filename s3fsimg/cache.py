@@ -18,18 +18,27 @@ On-disk layout (every directory it creates 0700, every file 0600, so other users
         locks/<xxxx>                   up to 65536 lock files (the first four hex digits of a sha256);
                                        an exclusive flock on one makes a whole-object fetch
                                        single-flight across processes (and threads)
+        maps/ab/<sha256>               block maps (as fetched from S3: see blockmap.py), counted in the ledger
+        suspect/<sha256>               empty marker: the object failed verification in some process; every
+                                       process then serves it only after a whole-object verification
+        served/<bs>/<sha256>           for objects without a block map: 8 bytes per block index (b"SV\0\0" +
+                                       big-endian CRC-32) of the bytes served before verification, so
+                                       the read that completes the object can tell whether the kernel
+                                       may hold other bytes (see reader.py); flock'd while written
         locks/ledger                   held shared by every process using the cache (see ledger.py)
         ledger.sqlite                  the LRU ledger (WAL mode; owned by ledger.py)
         boot_id                        the boot in which the cache was last opened (see `_check_boot`)
       index/, manifests/               owned by index_load.py
 
 Invariants (what makes it safe from many processes and after SIGKILL at any instant):
-- A file under objects/ or blocks/ is complete: it is written under tmp/, then renamed. A block is
-  checked against its CRC on every read; an object was verified before rename. Nothing is fsynced
+- A file under objects/, blocks/ or maps/ is complete: it is written under tmp/, then renamed. A block
+  is checked against its CRC on every read; an object was verified before rename, and carries a fixed
+  mtime (`STAMP_NS`): a complete object whose mtime differs was written to since, and is re-hashed
+  before it is served (dropped when it no longer matches its name). Nothing is fsynced
   on the hot path; after a reboot the objects written last are re-verified once (`_check_boot`).
 - The ledger row of a file is written *before* the rename, so a killed process can leave a row
   without a file (harmless: eviction skips it) but never a file the bound does not count. A row
-  another process evicted before the rename is written again after it (`_commit`).
+  another process evicted before the rename is written again after it (`_write_file`).
 - A file's last use is recorded at most every few seconds, in batches (`Ledger.touch`): the LRU
   order is precise to seconds while a process is busy; an idle process's last uses are written at
   its next use, eviction or close.
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -63,7 +73,7 @@ from typing import Any
 
 from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, CacheError
-from s3fsimg.files import locked
+from s3fsimg.files import atomic_write, locked
 from s3fsimg.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -72,7 +82,11 @@ LAYOUT = "v1"
 _BLOCK_MAGIC = b"S3B1"
 _HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
 _DIRTY_WINDOW = 300.0  # seconds of writes the kernel may not have flushed at a crash (with margin)
-_COUNTED_TREES = ("objects", "blocks")  # the trees of files the ledger counts
+_COUNTED_TREES = ("objects", "blocks", "maps")  # the trees of files the ledger counts
+_MARKER_TREES = ("suspect", "served")  # small per-object records, not counted, emptied with the rest
+#: The mtime of every complete object (2001-09-09T01:46:40.123456789Z): any write changes it.
+STAMP_NS = 1_000_000_000_123_456_789
+_SERVED = struct.Struct(">2s2xI")  # b"SV", pad, crc32 of the bytes served
 
 
 def _read_text(path: Path) -> str | None:
@@ -103,7 +117,7 @@ class DiskCache:
         try:
             # Directories it creates are 0700; an existing cache root keeps its mode (it may be
             # /tmp or a shared volume): v1/ and the other top-level directories are private anyway.
-            for sub in (*_COUNTED_TREES, "tmp", "locks"):
+            for sub in (*_COUNTED_TREES, *_MARKER_TREES, "tmp", "locks"):
                 private_dirs(self.base / sub)
             self.ledger = Ledger(self.base, max_bytes, drop_all_files=self._empty_trees)
         except (OSError, sqlite3.Error) as exc:
@@ -122,7 +136,7 @@ class DiskCache:
     def _empty_trees(self) -> None:
         """The counted trees emptied: each renamed aside (one step, so no reader sees half of it),
         made again (0700), and the old one removed."""
-        for sub in _COUNTED_TREES:
+        for sub in (*_COUNTED_TREES, *_MARKER_TREES):
             doomed = self.base / "tmp" / f"{self.pid}-empty-{secrets.token_hex(4)}"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self.base / sub, doomed)
@@ -170,13 +184,8 @@ class DiskCache:
                 return
             if marker.exists():
                 self._verify_recent()
-            tmp = self.base / "tmp" / f"{self.pid}-boot"
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # not the umask's 0644
-            try:
-                os.write(out, current.encode())
-            finally:
-                os.close(out)
-            os.replace(tmp, marker)
+            with atomic_write(marker, tmp=self._tmp_name()) as pending:
+                pending.write(current.encode())
 
     def _verify_recent(self) -> None:
         names = self.ledger.recently_used("objects/", _DIRTY_WINDOW)
@@ -222,8 +231,10 @@ class DiskCache:
         """The path of a complete, verified object, or None. Marks it used."""
         name = self.object_name(sha256, ext)
         path = self.base / name
-        if not path.is_file():
+        fd = self._open_checked(name, sha256)
+        if fd is None:
             return None
+        os.close(fd)
         self.ledger.touch(name)
         return path
 
@@ -231,12 +242,41 @@ class DiskCache:
         """A read-only descriptor of the complete object, or None. Marks it used. (The hot path of warm
         reads: one open(2), no stat, string paths.)"""
         name = f"objects/{sha256[0:2]}/{sha256[2:4]}/{sha256}.{ext}"
+        fd = self._open_checked(name, sha256)
+        if fd is not None:
+            self.ledger.touch(name)
+        return fd
+
+    def has_object(self, sha256: str, ext: str) -> bool:
+        """Whether the complete object is in the cache (one stat; not marked used)."""
+        return os.path.isfile(f"{self._base_str}/{self.object_name(sha256, ext)}")
+
+    def _open_checked(self, name: str, sha256: str) -> int | None:
+        """A descriptor of the complete object `name`, or None when absent. When its mtime is not the
+        stamp it was written with, it was written to since: re-hashed, dropped when it no longer
+        matches (then None: a miss), else stamped again."""
         try:
             fd = os.open(f"{self._base_str}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        self.ledger.touch(name)
-        return fd
+        try:
+            if os.fstat(fd).st_mtime_ns == STAMP_NS:
+                return fd
+            hasher = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                hasher.update(chunk)
+            if hasher.hexdigest() != sha256:
+                log.warning("cache: %s was modified on disk and no longer matches its hash; dropping it", name)
+                os.close(fd)
+                self._drop(name)
+                return None
+            os.lseek(fd, 0, os.SEEK_SET)
+            with contextlib.suppress(OSError):
+                os.utime(f"{self._base_str}/{name}", ns=(time.time_ns(), STAMP_NS))
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
 
     def put_object_bytes(self, data: bytes, sha256: str, ext: str) -> Path | None:
         """Store verified bytes as the complete object (temp file, rename); None if the disk cannot take
@@ -246,15 +286,19 @@ class DiskCache:
             return None
         name = self.object_name(sha256, ext)
         self.drop_blocks(sha256)
-        if not self._write_file(name, data, fsync=False):
+        if not self._write_file(name, data, fsync=False, stamp=True):
             return None
         return self.base / name
 
     def new_tmp(self) -> tuple[int, Path]:
         """An open, new temp file (0600) in tmp/: (fd, path)."""
-        path = self.base / "tmp" / f"{self.pid}-{secrets.token_hex(8)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path = self._tmp_name()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return fd, path
+
+    def _tmp_name(self) -> Path:
+        """A new name in tmp/, starting with this process's pid (see `_clean_tmp`)."""
+        return self.base / "tmp" / f"{self.pid}-{secrets.token_hex(8)}"
 
     # -- blocks ------------------------------------------------------------------------------------
     def get_block(self, sha256: str, block_size: int, index: int, length: int) -> bytes | None:
@@ -304,28 +348,27 @@ class DiskCache:
         self.drop_blocks(sha256)
 
     # -- writing -----------------------------------------------------------------------------------
-    def _write_file(self, name: str, payload: bytes, *, fsync: bool) -> bool:
+    def _write_file(self, name: str, payload: bytes, *, fsync: bool, stamp: bool = False) -> bool:
+        """Write `payload` as the file `name`: a temp file in tmp/, recorded in the ledger (evicting to
+        make room), then renamed into place. Another process may evict the new row between the record
+        and the rename (its unlink then finds no file): the row is checked after the rename and written
+        again if it is gone, so no file stays unaccounted for. False (logged) when it cannot be stored."""
         if self.closed:
             return False
+        final = self.base / name
         for attempt in (1, 2):
-            tmp: Path | None = None
             try:
-                fd, tmp = self.new_tmp()
-                try:
-                    view = memoryview(payload)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    if fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
                 with self.ledger.pinned(name):
-                    self._commit(tmp, name, len(payload))
+                    with atomic_write(final, tmp=self._tmp_name(), fsync=fsync) as pending:
+                        pending.write(payload)
+                        if stamp:
+                            os.utime(pending.fd, ns=(time.time_ns(), STAMP_NS))
+                        self.ledger.record(name, len(payload))
+                        private_dirs(final.parent)
+                    if not self.ledger.counts(name):
+                        self.ledger.record(name, len(payload))
                 return True
             except OSError as exc:
-                if tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
                 if exc.errno == errno.ENOSPC and attempt == 1:
                     log.warning("cache: disk full in %s; evicting and retrying once", self.root)
                     with contextlib.suppress(sqlite3.Error):
@@ -334,25 +377,11 @@ class DiskCache:
                 log.warning("cache: cannot store %s (%s); serving it without caching", name, exc.strerror)
                 return False
             except sqlite3.Error as exc:  # the ledger's disk is full too: same policy as ENOSPC
-                if tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
                 if self.closed:  # a read-ahead thread finishing after close(): nothing to report
                     return False
                 log.warning("cache: cannot record %s in the ledger (%s); serving it without caching", name, exc)
                 return False
         return False
-
-    def _commit(self, tmp: Path, name: str, size: int) -> None:
-        """Record a written temp file in the ledger (evicting to make room), then rename it into place.
-        Another process may evict the new row between the two (its unlink then finds no file): the row
-        is checked after the rename and written again if it is gone, so no file stays unaccounted for."""
-        final = self.base / name
-        self.ledger.record(name, size)
-        private_dirs(final.parent)
-        os.replace(tmp, final)
-        if not self.ledger.counts(name):
-            self.ledger.record(name, size)
 
     def evict(self, extra: int = 0, force_fraction: float = 0.0) -> int:
         """Evict until total + extra <= max_bytes (and at least force_fraction of the total). Returns bytes freed."""
@@ -366,6 +395,92 @@ class DiskCache:
         except sqlite3.Error as exc:
             if not self.closed:  # after close(), a late read-ahead thread's drop: nothing to report
                 log.warning("cache: ledger update failed: %s", exc)
+
+    # -- block maps ----------------------------------------------------------------------------------
+    @staticmethod
+    def blockmap_name(sha256: str) -> str:
+        return f"maps/{sha256[0:2]}/{sha256}"
+
+    def get_blockmap(self, sha256: str) -> bytes | None:
+        """The object's block map as fetched from S3 (raw bytes), or None. Marks it used."""
+        name = self.blockmap_name(sha256)
+        try:
+            with open(self.base / name, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return None
+        self.ledger.touch(name)
+        return raw
+
+    def put_blockmap(self, sha256: str, raw: bytes) -> bool:
+        """Keep the object's block map (atomic, counted in the ledger); False if it could not be stored."""
+        return self._write_file(self.blockmap_name(sha256), raw, fsync=False)
+
+    def drop_blockmap(self, sha256: str) -> None:
+        self._drop(self.blockmap_name(sha256))
+
+    # -- integrity records shared by every process (see the layout) -----------------------------------
+    def mark_suspect(self, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(f"{self._base_str}/suspect/{sha256}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def is_suspect(self, sha256: str) -> bool:
+        return os.path.exists(f"{self._base_str}/suspect/{sha256}")
+
+    def clear_suspect(self, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self._base_str}/suspect/{sha256}")
+
+    def _served_path(self, sha256: str, block_size: int) -> str:
+        return f"{self._base_str}/served/{block_size}/{sha256}"
+
+    def record_served(self, sha256: str, block_size: int, index: int, crc32: int) -> bool:
+        """Record that block `index` was served with bytes of CRC `crc32`. False when other bytes were
+        recorded for it before (the kernel may hold pages of both). An unusable record is not a reason
+        to fail a read: it then records nothing and answers True."""
+        path = self._served_path(sha256, block_size)
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                private_dirs(Path(path).parent)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                old = os.pread(fd, _SERVED.size, index * _SERVED.size)
+                if len(old) == _SERVED.size:
+                    magic, crc = _SERVED.unpack(old)
+                    if magic == b"SV":
+                        return bool(crc == crc32)
+                os.pwrite(fd, _SERVED.pack(b"SV", crc32), index * _SERVED.size)
+                return True
+            finally:
+                os.close(fd)  # releases the lock
+        except OSError as exc:
+            log.debug("cache: cannot record a served block of %s: %s", sha256, exc)
+            return True
+
+    def served_crcs(self, sha256: str, block_size: int) -> dict[int, int]:
+        """{block index: CRC} of the blocks recorded as served (see `record_served`)."""
+        try:
+            with open(self._served_path(sha256, block_size), "rb") as f:
+                raw = f.read()
+        except OSError:
+            return {}
+        out: dict[int, int] = {}
+        for i in range(len(raw) // _SERVED.size):
+            magic, crc = _SERVED.unpack_from(raw, i * _SERVED.size)
+            if magic == b"SV":
+                out[i] = crc
+        return out
+
+    def forget_served(self, sha256: str) -> None:
+        """Drop the records of served blocks of an object (every block size)."""
+        served = self.base / "served"
+        with contextlib.suppress(OSError):
+            for bs_dir in os.scandir(served):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{bs_dir.path}/{sha256}")
 
     # -- cross-process single flight -----------------------------------------------------------------
     @contextlib.contextmanager

@@ -14,6 +14,7 @@ safe from many threads and processes at once on one cache directory (see cache.p
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import threading
@@ -25,11 +26,13 @@ from typing import IO, TYPE_CHECKING, Any
 from s3fsimg.config import Config
 from s3fsimg.errors import NotFound, UsageError, quoted
 from s3fsimg.manifest import SHA256_RE, Entry, is_utf8
-from s3fsimg.reader import ObjectReader, Stream
+from s3fsimg.reader import ObjectReader
 
 if TYPE_CHECKING:
     from s3fsimg.index import Index
+    from s3fsimg.warm import WarmReport
 
+_log = logging.getLogger(__name__)
 _ABANDONED: list[Any] = []  # a parent's per-process state, kept alive (never closed) in a forked child
 
 
@@ -147,10 +150,27 @@ class Dataset:
             pool.shutdown(wait=False, cancel_futures=True)
         return paths
 
+    def prefetch(self, idents: Iterable[str | Entry], *, threads: int = 32, progress: bool = False) -> WarmReport:
+        """Fill the cache with these objects (sha256, logical_id or Entry), many in flight; return when done.
+
+        Within the cache bound: objects are taken in the order given while they fit, and a warning
+        says how many were left out (`report.stopped_at_bound`). A fetch that fails does not stop the
+        others (`report.failed`, `report.first_error`). Every id is resolved before anything is fetched.
+        See warm.py.
+        """
+        from s3fsimg.warm import warm_entries
+
+        entries = [i if isinstance(i, Entry) else self.resolve(i) for i in idents]
+        report = warm_entries(self.reader, entries, bound=self.config.cache_max_bytes, threads=threads,
+                              progress=None if progress else False)
+        if note := report.note():
+            _log.warning("prefetch: %s", note.removeprefix("note: "))
+        return report
+
     def open(self, ident: str | Entry) -> IO[bytes]:
         """A seekable, buffered binary file over the object; reads go through the block cache."""
         entry = ident if isinstance(ident, Entry) else self.resolve(ident)
-        raw = _RawObjectFile(self.reader.open_stream(entry), entry)
+        raw = _RawObjectFile(self.reader, entry)
         return io.BufferedReader(raw, buffer_size=max(io.DEFAULT_BUFFER_SIZE, 128 << 10))
 
     def sample(self, n: int, *, seed: int | None = None) -> list[Entry]:
@@ -164,11 +184,12 @@ class Dataset:
 
 
 class _RawObjectFile(io.RawIOBase):
-    """Raw, seekable file interface over a `Stream`."""
+    """Raw, seekable file interface over `ObjectReader.read` (which keeps no state per open file)."""
 
-    def __init__(self, stream: Stream, entry: Entry) -> None:
+    def __init__(self, reader: ObjectReader, entry: Entry) -> None:
         super().__init__()
-        self._stream = stream
+        self._reader = reader
+        self._entry = entry
         self._size = entry.bytes
         self._pos = 0
         self.name = entry.path
@@ -181,14 +202,14 @@ class _RawObjectFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._stream.read(self._pos, len(view))
+        data = self._reader.read(self._entry, self._pos, len(view))
         n = len(data)
         view[:n] = data
         self._pos += n
         return n
 
     def readall(self) -> bytes:
-        data = self._stream.read(self._pos, max(0, self._size - self._pos))
+        data = self._reader.read(self._entry, self._pos, max(0, self._size - self._pos))
         self._pos += len(data)
         return data
 
@@ -209,7 +230,3 @@ class _RawObjectFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def close(self) -> None:
-        if not self.closed:
-            self._stream.close()
-        super().close()

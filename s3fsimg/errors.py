@@ -41,18 +41,6 @@ class NotFound(S3fsimgError):
     errno = errno.ENOENT
 
 
-class NotADirectory(S3fsimgError):
-    errno = errno.ENOTDIR
-
-
-class IsADirectory(S3fsimgError):
-    errno = errno.EISDIR
-
-
-class ReadOnly(S3fsimgError):
-    errno = errno.EROFS
-
-
 class BackendError(S3fsimgError):
     """S3 failed: unreachable, refused, 5xx after retries, deadline passed, access denied."""
 

@@ -2,9 +2,11 @@
 
 It is given an open `Index` (names, inodes, sizes: every listing, lookup, stat and xattr is answered
 from it, never from S3) and a reader (`ObjectReader`, see docs/architecture.md) through `__init__`;
-`mount.py` builds both. Reads go through `reader.open_stream(entry)` and run `stream.read` in a worker
-thread (`trio.to_thread.run_sync`, bounded by a CapacityLimiter), so a read waiting on S3 never blocks
-the trio loop: listings, stats and reads of cached data keep being answered meanwhile.
+`mount.py` builds both (and a worker of a multi-process mount swaps in its own with `after_fork`).
+A file handle is the inode: nothing is kept per open, so any process serving the mount can answer
+any request. A read is `reader.read_nowait(entry, ...)` on the trio loop when the bytes are page-cached,
+else `reader.read(entry, ...)` in a worker thread (`trio.to_thread.run_sync`, bounded by a
+CapacityLimiter), so a read waiting on S3 never blocks listings, stats or reads of cached data.
 
 The filesystem is read-only: every write operation fails with EROFS, and `open` refuses write flags
 with EROFS (the kernel itself already answers EROFS for a `ro` mount before asking us).
@@ -12,7 +14,7 @@ with EROFS (the kernel itself already answers EROFS for a `ro` mount before aski
 Errors: lower layers raise the project's exceptions (`s3fsimg.errors`); `errno_for` is the one place
 they become an errno, at this boundary. Each EIO is logged once, with the key and the cause.
 
-Live counters (reads, bytes, errors...) merged with the reader's stats are exposed as the xattr
+The counters (the reader's `Counters`, shared by every process of the mount) are exposed as the xattr
 `user.s3fsimg.stats` (JSON) on the root directory; `listxattr` does not list it.
 """
 
@@ -26,14 +28,14 @@ import os
 import stat
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyfuse3
 import trio
 
+from s3fsimg.counters import Counters
 from s3fsimg.errors import S3fsimgError
 from s3fsimg.index import MANIFEST_INODE, ROOT_INODE, XATTR_PREFIX, Attr, Index
 from s3fsimg.manifest import Entry
@@ -51,23 +53,22 @@ OPEN_ENTRY_CACHE = 8192
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
-class Stream(Protocol):
-    def read(self, offset: int, size: int) -> bytes: ...
-
-    def read_nowait(self, offset: int, size: int) -> bytes | bytearray | None: ...
-
-    def close(self) -> None: ...
-
-
 class Reader(Protocol):
-    """What fs.py needs of `s3fsimg.reader.ObjectReader`."""
+    """What fs.py needs of `s3fsimg.reader.ObjectReader` (tests give a fake)."""
 
-    def open_stream(self, entry: Entry) -> Stream: ...
+    counters: Counters
+    on_untrusted_pages: Callable[[str], None] | None
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes: ...
+
+    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytes | bytearray | None: ...
+
+    def may_keep_pages(self, entry: Entry) -> bool: ...
 
 
 def errno_for(exc: BaseException) -> int:
     """The errno the kernel gets for `exc`: the one mapping of the project's exceptions to errno.
-    `S3fsimgError` subclasses carry theirs (NotFound -> ENOENT, ReadOnly -> EROFS, BackendError and
+    `S3fsimgError` subclasses carry theirs (NotFound -> ENOENT, ConfigError -> EINVAL, BackendError and
     IntegrityError -> EIO, ...); an OSError keeps its own; anything else is a bug, reported as EIO."""
     if isinstance(exc, pyfuse3.FUSEError):
         return int(exc.errno)
@@ -76,16 +77,6 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return int(exc.errno)
     return errno.EIO
-
-
-@dataclass
-class _Handle:
-    """An open file: an object stream, or the local manifest file."""
-
-    inode: int
-    key: str
-    stream: Stream | None = None
-    fd: int | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -98,19 +89,22 @@ class Operations(pyfuse3.Operations):
     def __init__(self, index: Index, reader: Reader, *, manifest_path: Path | None = None,
                  max_threads: int = 32, uid: int | None = None, gid: int | None = None) -> None:
         super().__init__()
-        self.index = index
-        self.reader = reader
         self.manifest_path = manifest_path
         self.limiter = trio.CapacityLimiter(max_threads)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.mtime_ns = index.mtime_ns
         self.started = time.time()
-        self._handles: dict[int, _Handle] = {}
-        self._next_fh = 1
-        self._lock = threading.Lock()  # counters are also bumped from reader threads' results
-        self.counters: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
+        self.after_fork(index, reader)
+
+    def after_fork(self, index: Index, reader: Reader) -> None:
+        """Serve from this process's own index connection and reader: what a mount's worker calls right after
+        fork() (nothing of another process's SQLite connections, S3 client or threads is usable)."""
+        self.index = index
+        self.reader = reader
+        reader.on_untrusted_pages = self._drop_pages
+        self._manifest_fd: int | None = None
         # The manifest entry of an object inode, from an LRU of recently opened ones, else the index
         # (NotFound is raised, not cached).
         self._object_entry = functools.lru_cache(maxsize=OPEN_ENTRY_CACHE)(index.object_for_inode)
@@ -143,7 +137,6 @@ class Operations(pyfuse3.Operations):
         """The FUSEError for `exc`; an EIO is counted and logged once per (key, cause)."""
         code = errno_for(exc)
         if code == errno.EIO:
-            self._count("errors")
             cause = str(exc) or exc.__class__.__name__
             if (key, cause) not in self._logged:
                 if len(self._logged) > 10_000:
@@ -155,26 +148,29 @@ class Operations(pyfuse3.Operations):
                     log.error("EIO reading %s: unexpected %s", key, cause, exc_info=exc)
         return pyfuse3.FUSEError(code)
 
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[name] += n
-
     def stats(self) -> dict[str, Any]:
-        """Live counters of this mount, merged with the reader's."""
-        with self._lock:
-            out: dict[str, Any] = dict(self.counters)
-        out["open_files"] = len(self._handles)
+        """Live counters of this mount (every process serving it: see `s3fsimg.counters`)."""
+        out: dict[str, Any] = dict(self.reader.counters.snapshot())
         out["uptime_seconds"] = round(time.time() - self.started, 1)
         out["entries"] = self.index.entry_count()
         out["objects"] = self.index.object_count()
-        reader_stats = getattr(self.reader, "stats", None)
-        snapshot = getattr(reader_stats, "snapshot", None)
-        if callable(snapshot):
-            try:
-                out.update(snapshot())
-            except Exception as exc:  # stats must never break the mount
-                log.warning("reader stats unavailable: %s", exc)
         return out
+
+    def _drop_pages(self, sha256: str) -> None:
+        """The kernel may hold pages of this object that must not be read back (it failed verification):
+        drop them. From a thread of its own: the kernel waits for pages locked by reads in flight, and
+        the read that found the failure holds some until its (error) reply has gone out."""
+        inode = self.index.inode_for_sha256(sha256)
+        if inode is None:
+            return
+
+        def invalidate() -> None:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=False)
+            except OSError as exc:  # not mounted (any more), or the kernel forgot the inode: nothing cached
+                log.debug("invalidating inode %d: %s", inode, exc)
+
+        threading.Thread(target=invalidate, name="s3fsimg-invalidate", daemon=True).start()
 
     # -- names and attributes ------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -240,66 +236,59 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """The file handle is the inode: no per-open state, so any process serving the mount answers any
+        read. The kernel keeps an object's pages across opens (`keep_cache`) only when every byte served
+        of it was verified (`ObjectReader.may_keep_pages`); otherwise an open drops them."""
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EISDIR if self._attr(inode).is_dir else errno.EROFS)
         if self.index.is_object(inode):
             # The hot path (every open of an image): one entry lookup, usually from memory.
             try:
-                entry = self._object_entry(inode)
-                handle = _Handle(inode, entry.path, stream=self.reader.open_stream(entry))
+                keep = self.reader.may_keep_pages(self._object_entry(inode))
             except Exception as exc:
                 raise self._fail(exc, f"inode {inode}") from None
         elif self._attr(inode).is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         elif inode == MANIFEST_INODE and self.manifest_path is not None:
-            try:
-                handle = _Handle(inode, "manifest.jsonl", fd=os.open(self.manifest_path, os.O_RDONLY))
-            except OSError as exc:
-                raise self._fail(exc, str(self.manifest_path)) from None
+            keep = True
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = handle
-        self._count("opens")
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        self.reader.counters.add("opens")
+        return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
 
     # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a bytearray filled by preadv goes out
     # without a copy into bytes; its stub says bytes.
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        self._count("reads")
-        data: bytes | bytearray
+        """`fh` is the inode (see `open`). Exactly the bytes asked (up to the end of the file), or EIO."""
+        if fh == MANIFEST_INODE:
+            return await self._read_manifest(off, size)
+        where = f"inode {fh}"
         try:
-            if handle.fd is not None:
-                data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off, limiter=self.limiter)
-            else:
-                assert handle.stream is not None
-                cached = handle.stream.read_nowait(off, size)  # page-cached complete object: no thread
-                if cached is not None:
-                    data = cached
-                else:
-                    data = await trio.to_thread.run_sync(handle.stream.read, off, size, limiter=self.limiter)
+            entry = self._object_entry(fh)
+            where = entry.path
+            data = self.reader.read_nowait(entry, off, size)  # page-cached complete object: no thread
+            if data is None:
+                data = await trio.to_thread.run_sync(self.reader.read, entry, off, size, limiter=self.limiter)
         except Exception as exc:
-            raise self._fail(exc, handle.key) from None
-        self._count("read_bytes", len(data))
+            if not isinstance(exc, S3fsimgError):  # the reader counts its own
+                self.reader.counters.add("read_errors")
+            raise self._fail(exc, where) from None
+        return data
+
+    async def _read_manifest(self, off: int, size: int) -> bytes:
+        try:
+            if self._manifest_fd is None:
+                assert self.manifest_path is not None
+                self._manifest_fd = os.open(self.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
+            data: bytes = await trio.to_thread.run_sync(os.pread, self._manifest_fd, size, off,
+                                                        limiter=self.limiter)
+        except Exception as exc:
+            raise self._fail(exc, str(self.manifest_path)) from None
+        self.reader.counters.add_many({"reads": 1, "bytes_read": len(data)})
         return data
 
     async def release(self, fh: int) -> None:
-        with self._lock:
-            handle = self._handles.pop(fh, None)
-        if handle is None:
-            return
-        try:
-            if handle.stream is not None:
-                handle.stream.close()
-            if handle.fd is not None:
-                os.close(handle.fd)
-        except Exception as exc:  # closing must not fail a close(2)
-            log.warning("closing %s: %s", handle.key, exc)
+        return None  # nothing is kept per open (see `open`)
 
     # `flush` is left to pyfuse3's default (ENOSYS): the kernel then stops sending FLUSH at all, one
     # round trip saved on every close(2) of a read-only file.
@@ -352,15 +341,7 @@ class Operations(pyfuse3.Operations):
         return None
 
     def close(self) -> None:
-        """Close every handle still open (at unmount)."""
-        with self._lock:
-            handles = list(self._handles.values())
-            self._handles.clear()
-        for handle in handles:
-            try:
-                if handle.stream is not None:
-                    handle.stream.close()
-                if handle.fd is not None:
-                    os.close(handle.fd)
-            except Exception as exc:
-                log.warning("closing %s: %s", handle.key, exc)
+        """Close the manifest's descriptor (at unmount)."""
+        if self._manifest_fd is not None:
+            os.close(self._manifest_fd)
+            self._manifest_fd = None

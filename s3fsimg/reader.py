@@ -1,94 +1,111 @@
-"""Serving bytes of content-addressed objects: from the disk cache, else from S3 by byte range.
+"""Where a read is served: bytes of a content-addressed object from the disk cache, else from S3.
 
-`ObjectReader` owns the data path policy; `cache.DiskCache` owns the disk. All methods block and
-are thread-safe: the Python API calls them from its threads, the filesystem from trio worker
-threads (`trio.to_thread.run_sync(..., limiter=...)`), so the event loop never waits on S3.
+`ObjectReader.read(entry, offset, size)` is the one read of the product: the filesystem (fs.py) and the
+Python API (dataset.py) both call it. It returns exactly `min(size, entry.bytes - offset)` bytes, or
+raises (`BackendError`: S3 failed within the read deadline; `IntegrityError`: the bytes are not the
+object's). Never fewer bytes: a short reply would make the kernel shrink the file (fuse_short_read).
 
-How a read `(entry, offset, size)` is served (`Stream.read`):
-1. A complete, verified object in the cache -> `pread` on a file descriptor kept per stream.
-2. Small objects (<= `whole_object_max`) and *suspect* ones (which failed verification before)
-   are fetched whole (`fetch_path`): one GET (or parallel part GETs above `part_size`), hashed,
-   renamed into the cache; no byte is served before the sha256 matched.
-3. Larger objects are read in fixed blocks (`block_size`). A block is taken from the cache, or from
-   a GET already in flight in this process for it (single-flight: one GET per block however many
-   threads want it), or fetched now by the reading thread, contiguous missing blocks in one ranged
-   GET. Sequential reading (a read starting where the stream's previous read ended) schedules
-   read-ahead of the following blocks in background threads, in a window that doubles from 4
-   blocks up to `max_readahead`, and covers the whole rest of the object once that fits in the
-   window; a read waits only for the blocks it needs.
-4. Whenever every block of an object is in the cache, the object is assembled, its sha256 checked,
-   and it becomes a complete object (blocks dropped). A mismatch drops every block, marks the object
-   suspect (so step 2 applies to it from then on) and fails the read that completed it, and every
-   later read of each stream that served blocks of it (a read-ahead thread may have been the one to
-   complete it): an object whose bytes do not hash to its sha256 never reads back whole without an
-   error.
+All state is per object, never per open file, so any process serving a mount can answer any request:
+- in this process: the descriptor of the complete object, read-ahead state (`_ObjectState`), GETs in
+  flight (single-flight per block), the object's block map;
+- in the cache directory, shared by every process: complete objects, blocks, block maps, suspect
+  markers (an object that failed verification anywhere is from then on only served after a
+  whole-object verification), and the CRCs of blocks served before verification (see below).
 
-Every S3 response is checked against the manifest: the object's total size (Content-Range) and,
-where the manifest has one, the ETag, so an object replaced in the bucket fails the first range that
-sees it. S3 faults are retried until `read_deadline` (`S3Store.get_range`), then raise BackendError.
+How a read is served (`read`):
+1. a complete, verified object in the cache -> `pread` on its descriptor;
+2. small objects (<= `whole_object_max`) and suspect ones: fetched whole (`fetch_path`), hashed, renamed
+   into the cache; no byte is served before the sha256 matched;
+3. larger objects are read in fixed blocks (`block_size`), from the cache, from a GET in flight, or
+   fetched now (contiguous missing blocks in one ranged GET, `_fetch_run`). The object's block map
+   (`blocks/ab/cd/<sha256>`, written by the uploader) is fetched beside its first block and kept in
+   the cache: with it, every block is checked against its SHA-256 before it is served or stored.
+   Without one (another tool uploaded the object), blocks are served unverified (counted in
+   `unverified_bytes`) and the CRC of every block served is recorded, so the read that completes the
+   object fails when the kernel may hold bytes other than the verified ones.
+Read-ahead policy (`_readahead`) lives here, per object: a sequential read schedules the following
+blocks in background threads, in a window that doubles from 4 blocks up to `max_readahead`.
+Object completion (`_complete`) is decided in one place: after every ranged GET, when every block is
+at hand, the object is assembled, its sha256 checked, and it becomes a complete object. A mismatch
+marks it suspect (in the cache, for every process), drops its blocks, tells the filesystem that the
+kernel's pages of it are not to be trusted (`on_untrusted_pages`), and fails the read.
+
+Every S3 response is checked against the manifest's size (Content-Range) and ETag. S3 faults are retried
+until `read_deadline` (`S3Store.get_range`), then raise BackendError.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from s3fsimg.blockmap import BlockMap, blockmap_key
 from s3fsimg.cache import DiskCache
 from s3fsimg.config import Config
-from s3fsimg.errors import BackendError, CacheError, IntegrityError, S3fsimgError
+from s3fsimg.counters import Counters
+from s3fsimg.errors import BackendError, CacheError, IntegrityError, NotFound, S3fsimgError
 from s3fsimg.manifest import Entry
 from s3fsimg.s3 import GetResult, S3Store
 
 log = logging.getLogger(__name__)
 
 _HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
-PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or a read-ahead run
-BULK_READ = 512 << 10  # a first read at least this large asks for the whole object (see Stream._read_blocks)
-MAX_READAHEAD = 8 << 20  # read-ahead window limit per stream
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_GAVE_UP_HOLD = 2.0  # seconds after S3 failed an object in which a read of it is not retried (see ObjectReader._get)
+PART_SIZE = 8 << 20  # largest single GET of a whole-object fetch or of a read-ahead run
+BULK_READ = 512 << 10  # a first read at least this large asks for the whole object (see `_readahead`)
+MAX_READAHEAD = 8 << 20  # read-ahead window limit per object
+MAX_BLOCKMAP = 4 << 20  # largest block map fetched (a 32 GiB object at 256 KiB blocks)
+OBJECT_STATES = 1024  # objects whose per-process state (descriptor, read-ahead, map) is kept
+_GAVE_UP_HOLD = 2.0  # seconds after S3 failed an object in which a read of it is not retried (see `_get`)
+
+#: Every counter of a reader, and of a mount (fs.py adds `opens`). `s3fsimg stats` shows them.
+COUNTER_NAMES = (
+    "opens",               # files opened through the mount
+    "reads",               # reads answered (FUSE READ requests, or reads of the Python API)
+    "bytes_read",          # bytes those reads returned
+    "read_errors",         # reads that failed (EIO in the mount, an exception in the API)
+    "cache_hits",          # reads served without S3
+    "cache_misses",        # reads (or whole-object fetches) that needed S3
+    "s3_requests",         # GETs answered by S3 (objects, ranges and block maps)
+    "s3_bytes",            # bytes of those answers
+    "readahead_requests",  # ranged GETs started ahead of a read
+    "integrity_errors",    # responses or objects that did not match the manifest, a block map or a CRC
+    "unverified_bytes",    # bytes served before any hash check (objects without a block map)
+    "uncached_writes",     # blocks or objects the cache could not store (disk full): served from memory
+)
 
 
 @dataclass
-class ReaderStats:
-    """Counters of one reader (one process). `snapshot()` is what `s3fsimg stats` shows."""
+class _ObjectState:
+    """What this process knows of one object (see the module docstring). Guarded by `ObjectReader._lock`
+    except `fd`'s reference count, which is too."""
 
-    reads: int = 0
-    bytes_read: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    s3_requests: int = 0
-    s3_bytes: int = 0
-    readahead_requests: int = 0
-    errors: int = 0
-    integrity_errors: int = 0
-    uncached_writes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+    fd: int | None = None  # descriptor of the complete object
+    fd_users: int = 0  # reads using `fd` right now (it is closed when the state is dropped and unused)
+    doomed: bool = False  # dropped from the table: close `fd` when the last user is done
+    memory: bytes | None = None  # the verified object, when the cache could not store it
+    next_offset: int = -1  # where a sequential read would start
+    window: int = 0  # read-ahead window in blocks
+    blockmap: BlockMap | None = None
+    blockmap_known: bool = False  # True once `blockmap` is decided (None then means: no map)
+    blockmap_future: Future[BlockMap | None] | None = None
+    served: dict[int, int] = field(default_factory=dict)  # block -> CRC recorded as served (no map)
 
 
 class ObjectReader:
-    """Reads objects through the cache. One per process (not shared across fork())."""
+    """Reads objects through the cache. One per process (build a new one after fork()). Thread-safe."""
 
     def __init__(self, config: Config, cache: DiskCache | None = None, store: S3Store | None = None, *,
-                 threads: int = 16) -> None:
+                 threads: int = 16, counters: Counters | None = None) -> None:
         self.config = config
         self.block_size = config.block_size
         self.whole_object_max = config.whole_object_max
@@ -98,19 +115,30 @@ class ObjectReader:
         # botocore's own retries are off (max_attempts=0): its backoff (up to 20 s a try) knows
         # nothing of the read deadline; `S3Store.get_range` retries within it instead.
         self.store = store or S3Store(config, max_pool=threads * 2 + 8, max_attempts=0)
-        self.stats = ReaderStats()
+        self.counters = counters or Counters(COUNTER_NAMES)
+        #: Called with a sha256 when the kernel may hold pages of that object that must not be read
+        #: back (it failed verification): the filesystem drops them (pyfuse3.invalidate_inode).
+        self.on_untrusted_pages: Callable[[str], None] | None = None
         self._lock = threading.Lock()
+        self._states: OrderedDict[str, _ObjectState] = OrderedDict()
         self._inflight: dict[tuple[str, int], Future[bytes]] = {}
         self._whole: dict[str, Future[Path]] = {}
-        self._suspect: set[str] = set()
-        self._failures: dict[str, int] = {}
         self._gave_up: dict[str, float] = {}  # sha256 -> when S3 last failed it: see `_get`
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3fsimg-fetch")
+        # Block maps load on their own threads: a read-ahead run on `_pool` waits for its object's map,
+        # which must never queue behind such runs.
+        self._map_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="s3fsimg-map")
         self._closed = False
 
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._map_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            states, self._states = list(self._states.values()), OrderedDict()
+            for st in states:
+                st.doomed = True
+                self._close_fd_if_unused(st)
         self.cache.close()
 
     def __enter__(self) -> ObjectReader:
@@ -119,18 +147,157 @@ class ObjectReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open_stream(self, entry: Entry) -> Stream:
-        return Stream(self, entry)
+    def stats(self) -> dict[str, int]:
+        return self.counters.snapshot()
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.read_deadline
 
-    # -- whole objects -----------------------------------------------------------------------------
+    # -- per-object state ----------------------------------------------------------------------------
+    def _state(self, sha256: str) -> _ObjectState:
+        with self._lock:
+            st = self._states.get(sha256)
+            if st is not None:
+                self._states.move_to_end(sha256)
+                return st
+            st = self._states[sha256] = _ObjectState()
+            while len(self._states) > OBJECT_STATES:
+                _, old = self._states.popitem(last=False)
+                old.doomed = True
+                self._close_fd_if_unused(old)
+            return st
+
+    @staticmethod
+    def _close_fd_if_unused(st: _ObjectState) -> None:
+        """Under `_lock`: close a dropped state's descriptor once no read uses it (a descriptor closed
+        under a read could be reused by another open, and the read would return another file's bytes)."""
+        if st.doomed and st.fd is not None and st.fd_users == 0:
+            os.close(st.fd)
+            st.fd = None
+
+    def _acquire_fd(self, entry: Entry, st: _ObjectState) -> int | None:
+        """The complete object's descriptor, marked in use (release with `_release_fd`), or None."""
+        with self._lock:
+            if st.fd is not None:
+                st.fd_users += 1
+                return st.fd
+        fd = self.cache.open_object(entry.sha256, entry.ext)
+        if fd is None:
+            return None
+        with self._lock:
+            if st.fd is None and not st.doomed:
+                st.fd = fd
+            elif st.fd is not None:
+                os.close(fd)
+            else:  # the state was dropped meanwhile: use the descriptor for this read only
+                st.fd, st.doomed = fd, True
+            st.fd_users += 1
+            return st.fd
+
+    def _release_fd(self, st: _ObjectState) -> None:
+        with self._lock:
+            st.fd_users -= 1
+            self._close_fd_if_unused(st)
+
+    def is_complete(self, entry: Entry) -> bool:
+        """Whether the object is complete and verified in the cache (or in this process's memory)."""
+        with self._lock:
+            st = self._states.get(entry.sha256)
+            if st is not None and (st.fd is not None or st.memory is not None):
+                return True
+        return self.cache.has_object(entry.sha256, entry.ext)
+
+    def may_keep_pages(self, entry: Entry) -> bool:
+        """Whether the kernel may keep the object's pages across opens: only when every byte served of it
+        was verified before it was served (a small object, a complete one, one whose block map this
+        process holds). Otherwise pages of an earlier, unverified read could be read back unchecked."""
+        if entry.bytes <= self.whole_object_max or self.is_complete(entry):
+            return True
+        with self._lock:
+            st = self._states.get(entry.sha256)
+            return st is not None and st.blockmap_known and st.blockmap is not None
+
+    # -- the read ------------------------------------------------------------------------------------
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the object: exactly `min(size, entry.bytes - offset)` of them
+        (b"" at or after its end), or an exception. See the module docstring."""
+        size = min(size, entry.bytes - offset)
+        if size <= 0 or offset < 0:
+            return b""
+        st = self._state(entry.sha256)
+        hit = False
+        try:
+            fd = self._acquire_fd(entry, st)
+            if fd is None and st.memory is None and (entry.bytes <= self.whole_object_max
+                                                     or self.cache.is_suspect(entry.sha256)):
+                fd = self._open_whole(entry, st)
+            else:
+                hit = fd is not None
+            if fd is not None:
+                try:
+                    data = os.pread(fd, size, offset)
+                finally:
+                    self._release_fd(st)
+            elif st.memory is not None:
+                data = st.memory[offset:offset + size]
+            else:
+                data, hit = self._read_blocks(entry, st, offset, size)
+            if len(data) != size:
+                raise IntegrityError(f"{self.store.where(entry.path)}: {len(data)} bytes at {offset} where "
+                                     f"{size} were expected (the object is {entry.bytes} bytes)")
+        except S3fsimgError:
+            self.counters.add("read_errors")
+            raise
+        self.counters.add_many({"reads": 1, "bytes_read": size, "cache_hits": int(hit)})
+        return data
+
+    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytearray | None:
+        """The bytes, if they can be had without blocking: the object is complete in the cache, this
+        process has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
+        Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
+        reads on its event loop without a thread hand-off."""
+        if not _HAVE_NOWAIT:
+            return None
+        size = min(size, entry.bytes - offset)
+        if size <= 0 or offset < 0:
+            return None
+        with self._lock:
+            st = self._states.get(entry.sha256)
+            if st is None or st.fd is None:
+                return None
+            st.fd_users += 1
+            fd = st.fd
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        finally:
+            self._release_fd(st)
+        if n != size:
+            return None
+        self.counters.add_many({"reads": 1, "bytes_read": size, "cache_hits": 1})
+        return buf  # no copy into bytes: the filesystem replies straight from this buffer
+
+    def _open_whole(self, entry: Entry, st: _ObjectState) -> int | None:
+        """Fetch the whole object into the cache and open it (marked in use); when the cache cannot
+        take it (disk full), keep the verified bytes in memory instead (returns None)."""
+        try:
+            self.fetch_path(entry)
+        except CacheError:
+            st.memory = self.download_verified(entry)
+            return None
+        fd = self._acquire_fd(entry, st)
+        if fd is None:  # evicted between the fetch and the open
+            st.memory = self.download_verified(entry)
+        return fd
+
+    # -- whole objects -------------------------------------------------------------------------------
     def fetch_path(self, entry: Entry) -> Path:
         """The path of the complete, verified object in the cache, fetching it if needed."""
         path = self.cache.object_path(entry.sha256, entry.ext)
         if path is not None:
-            self.stats.add(cache_hits=1)
+            self.counters.add("cache_hits")
             return path
         with self._lock:
             fut = self._whole.get(entry.sha256)
@@ -155,11 +322,11 @@ class ObjectReader:
         with self.cache.object_lock(entry.sha256, deadline):
             path = self.cache.object_path(entry.sha256, entry.ext)
             if path is not None:  # another process fetched it while we waited
-                self.stats.add(cache_hits=1)
+                self.counters.add("cache_hits")
                 return path
-            self.stats.add(cache_misses=1)
+            self.counters.add("cache_misses")
             data = self.download_verified(entry, deadline)
-            path = self.cache.put_object_bytes(data, entry.sha256, entry.ext)
+            path = self._store_complete(entry, data)
             if path is None:
                 raise CacheError(f"{self.cache.root}: cannot store {entry.sha256} in the cache (disk full or "
                                  "not writable)")
@@ -168,11 +335,8 @@ class ObjectReader:
     def download_verified(self, entry: Entry, deadline: float | None = None) -> bytes:
         """All bytes of an object from S3, checked against its sha256 (IntegrityError otherwise)."""
         data = self._download(entry, deadline if deadline is not None else self._deadline())
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry.sha256:
-            self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
-        with self._lock:
-            self._suspect.discard(entry.sha256)
+        self._verify_whole(entry, data)
+        self.cache.clear_suspect(entry.sha256)
         return data
 
     def _download(self, entry: Entry, deadline: float) -> bytes:
@@ -180,14 +344,30 @@ class ObjectReader:
         if entry.bytes == 0:
             return b""
         if entry.bytes <= self.part_size:
-            return self._get(entry, 0, entry.bytes, deadline).data
+            return self._get(entry, entry.path, 0, entry.bytes, deadline).data
         starts = range(0, entry.bytes, self.part_size)
-        futures = [self._pool.submit(self._get, entry, s, min(s + self.part_size, entry.bytes), deadline)
-                   for s in starts]
+        futures = [self._pool.submit(self._get, entry, entry.path, s, min(s + self.part_size, entry.bytes),
+                                     deadline) for s in starts]
         return b"".join(f.result().data for f in futures)
 
-    def _get(self, entry: Entry, start: int, end: int, deadline: float) -> GetResult:
-        """One ranged GET, checked against the manifest's size and ETag.
+    def _store_complete(self, entry: Entry, data: bytes) -> Path | None:
+        """Store verified bytes as the complete object; forget what was recorded of its blocks."""
+        path = self.cache.put_object_bytes(data, entry.sha256, entry.ext)
+        self.cache.forget_served(entry.sha256)
+        with self._lock:
+            st = self._states.get(entry.sha256)
+            if st is not None:
+                st.served.clear()
+        return path
+
+    def _verify_whole(self, entry: Entry, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
+
+    def _get(self, entry: Entry, key: str, start: int, end: int, deadline: float) -> GetResult:
+        """One ranged GET of `key` (the object, or its block map), checked against the manifest's size and
+        ETag when it is the object.
 
         When S3 failed this object (after its retries) less than `_GAVE_UP_HOLD` ago, one attempt is
         made, without retries: the kernel re-sends a failed READ (one page, after a failed
@@ -199,7 +379,7 @@ class ObjectReader:
         if failed_at is not None and now - failed_at < _GAVE_UP_HOLD:
             deadline = min(deadline, now)
         try:
-            result = self.store.get_range(entry.path, start, end, deadline=deadline)
+            result = self.store.get_range(key, start, end, deadline=deadline)
         except BackendError:
             now = time.monotonic()
             with self._lock:
@@ -210,41 +390,104 @@ class ObjectReader:
         if failed_at is not None:
             with self._lock:
                 self._gave_up.pop(entry.sha256, None)
-        self.stats.add(s3_requests=1, s3_bytes=len(result.data))
+        self.counters.add_many({"s3_requests": 1, "s3_bytes": len(result.data)})
+        if key != entry.path:
+            return result
         if result.total_size is not None and result.total_size != entry.bytes:
             self._integrity_failure(entry, f"S3 has {result.total_size} bytes, the manifest says {entry.bytes} "
                                            "(object replaced?)")
         if entry.etag and result.etag and result.etag != entry.etag:
             self._integrity_failure(entry, f"S3 returns ETag {result.etag}, the manifest says {entry.etag} "
                                            "(object replaced)")
+        if len(result.data) != end - start:
+            raise BackendError(f"{self.store.where(entry.path)}: S3 returned {len(result.data)} bytes of "
+                               f"the {end - start} asked at {start}")
         return result
 
     def _integrity_failure(self, entry: Entry, why: str) -> None:
-        with self._lock:
-            self._suspect.add(entry.sha256)
-            self._failures[entry.sha256] = self._failures.get(entry.sha256, 0) + 1
-        self.stats.add(integrity_errors=1)
+        """The object failed verification: every process serves it whole-verified from now on, nothing
+        cached of it is kept, and the kernel's pages of it are dropped. Raises IntegrityError."""
+        self.counters.add("integrity_errors")
+        self.cache.mark_suspect(entry.sha256)
         self.cache.drop_object(entry.sha256, entry.ext)
+        self.cache.forget_served(entry.sha256)
+        with self._lock:  # this process's state of it goes too (descriptor, map, what was served)
+            st = self._states.pop(entry.sha256, None)
+            if st is not None:
+                st.doomed = True
+                self._close_fd_if_unused(st)
+        callback = self.on_untrusted_pages
+        if callback is not None:
+            callback(entry.sha256)
         raise IntegrityError(f"{self.store.where(entry.path)}: {why}")
 
-    def is_suspect(self, sha256: str) -> bool:
-        with self._lock:
-            return sha256 in self._suspect
-
-    def failure_count(self, sha256: str) -> int:
-        """How many times the object failed verification in this process (see `Stream.read`). A dict
-        read is atomic: no lock on this per-read path."""
-        return self._failures.get(sha256, 0)
-
-    # -- blocks ------------------------------------------------------------------------------------
+    # -- blocks --------------------------------------------------------------------------------------
     def block_length(self, entry: Entry, index: int) -> int:
         return min(self.block_size, entry.bytes - index * self.block_size)
 
     def block_count(self, entry: Entry) -> int:
         return (entry.bytes + self.block_size - 1) // self.block_size
 
-    def read_blocks(self, entry: Entry, first: int, last: int, deadline: float) -> tuple[list[bytes], bool]:
-        """Blocks first..last (inclusive), in order; and whether any came from S3."""
+    def _read_blocks(self, entry: Entry, st: _ObjectState, offset: int, size: int) -> tuple[bytes, bool]:
+        """The bytes of a read of a large object, from its blocks; and whether no GET was needed."""
+        bs = self.block_size
+        first, last = block_span(offset, size, bs)
+        ahead = self._readahead(entry, st, offset, size, first, last)
+        if ahead is not None:
+            self.prefetch(entry, *ahead)
+        blocks, fetched = self._blocks(entry, st, first, last, self._deadline())
+        blockmap = self._blockmap_now(st)
+        if blockmap is None:
+            self._record_served(entry, st, first, blocks)
+            self.counters.add("unverified_bytes", size)
+        start = offset - first * bs
+        joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        return joined[start:start + size], not fetched
+
+    def _readahead(self, entry: Entry, st: _ObjectState, offset: int, size: int, first: int,
+                   last: int) -> tuple[int, int] | None:
+        """The read-ahead policy: which blocks to fetch ahead of this read (first, last), or None."""
+        nblocks = self.block_count(entry)
+        with self._lock:
+            sequential = offset == st.next_offset
+            st.next_offset = offset + size
+            if offset == 0 and size >= BULK_READ and entry.bytes <= self.max_readahead and last + 1 < nblocks:
+                # A first read this large is the kernel's read-ahead answering a large read(2): the
+                # reader wants the file, so the whole object comes in this read's own GET (one round
+                # trip, as a plain GET). A header read (64 KiB asked) reaches us as 256 KiB at most
+                # and stays within block 0.
+                return first, nblocks - 1
+            if sequential and last >= 1 and last + 1 < nblocks:
+                # Not before the reading leaves block 0: the kernel reads 2x what a small header read
+                # asks (its own readahead), all of it in block 0, which must not pull in the rest of
+                # the object. The range starts at this read's own first block, so the rest of a
+                # small object comes in one GET rather than one for this block and one for the next.
+                window_max = self.max_readahead // self.block_size
+                st.window = min(window_max, max(4, st.window * 2))
+                rest = nblocks - (last + 1)
+                return first, last + (rest if rest <= window_max else st.window)
+        return None
+
+    def prefetch(self, entry: Entry, first: int, last: int) -> None:
+        """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
+        if self._closed:
+            return
+        wanted = [i for i in range(first, last + 1)
+                  if (entry.sha256, i) not in self._inflight and not self.cache.has_block(
+                      entry.sha256, self.block_size, i)]
+        if not wanted:
+            return
+        deadline = self._deadline()
+        st = self._state(entry.sha256)
+        for run_first, run_last, futures in self._claim(entry, wanted, {}):
+            self.counters.add("readahead_requests")
+            self._pool.submit(self._fetch_run, entry, st, run_first, run_last, futures, deadline)
+
+    def _blocks(self, entry: Entry, st: _ObjectState, first: int, last: int,
+                deadline: float) -> tuple[list[bytes], bool]:
+        """Blocks first..last (inclusive), in order, each checked against the block map when there is
+        one; and whether any had to come from S3 (fetched now, or in flight)."""
+        map_future = self._blockmap_future(entry, st, deadline)
         got: dict[int, bytes] = {}
         waiting: dict[int, Future[bytes]] = {}
         missing: list[int] = []
@@ -259,15 +502,17 @@ class ObjectReader:
                 got[i] = data
             else:
                 missing.append(i)
-        if got and not missing and not waiting:
-            self.stats.add(cache_hits=1)
-        fetched = False
         if missing:
-            self.stats.add(cache_misses=1)
-            runs = self._claim(entry, missing, waiting)
-            for run_first, run_last, futures in runs:
-                self._fetch_run(entry, run_first, run_last, futures, deadline)
-                fetched = True
+            self.counters.add("cache_misses")
+            for run_first, run_last, futures in self._claim(entry, missing, waiting):
+                self._fetch_run(entry, st, run_first, run_last, futures, deadline)
+        # Blocks from the cache were checked against the map when they were fetched; checked again here
+        # (a block cached before this process knew the map, or damaged on disk behind a valid CRC).
+        blockmap = self._blockmap_result(entry, st, map_future, deadline)
+        if blockmap is not None:
+            for i, data in got.items():
+                if not blockmap.check_block(i, data):
+                    self._integrity_failure(entry, f"cached block {i} does not match its block map")
         for i, fut in waiting.items():
             remaining = max(0.0, deadline - time.monotonic()) + 1.0
             try:
@@ -275,13 +520,13 @@ class ObjectReader:
             except FutureTimeout:
                 raise BackendError(f"{self.store.where(entry.path)}: block {i} was not fetched within the read "
                                    "deadline") from None
-        return [got[i] for i in range(first, last + 1)], fetched
+        return [got[i] for i in range(first, last + 1)], bool(missing or waiting)
 
     def _claim(self, entry: Entry, wanted: list[int], waiting: dict[int, Future[bytes]],
-               max_run: int | None = None) -> list[tuple[int, int, dict[int, Future[bytes]]]]:
+               ) -> list[tuple[int, int, dict[int, Future[bytes]]]]:
         """Register this thread as the fetcher of each wanted block nobody is fetching; group them into
         runs of contiguous blocks. Blocks already in flight go to `waiting`."""
-        max_blocks = max(1, (max_run or self.part_size) // self.block_size)
+        max_blocks = max(1, self.part_size // self.block_size)
         runs: list[tuple[int, int, dict[int, Future[bytes]]]] = []
         with self._lock:
             for i in wanted:
@@ -301,45 +546,89 @@ class ObjectReader:
                     runs.append((i, i, {i: fut}))
         return runs
 
-    def _fetch_run(self, entry: Entry, first: int, last: int, futures: dict[int, Future[bytes]],
-                   deadline: float) -> None:
-        """GET blocks first..last in one range; resolve their futures; store them in the cache.
+    def _fetch_run(self, entry: Entry, st: _ObjectState, first: int, last: int,
+                   futures: dict[int, Future[bytes]], deadline: float) -> None:
+        """GET blocks first..last in one range (the block map beside it, the first time); check each block
+        against the map; resolve the futures; store the blocks; then try to complete the object.
 
-        When the run reaches the object's end and every block before it is cached, the object is
-        verified in memory and stored complete at once (no block files): the usual case of a file
-        read from its start to its end."""
+        The object's last block is handed out only after the completion attempt, so a reader cannot read
+        an object to its end without the whole-object check when every block was at hand."""
         start = first * self.block_size
         end = min((last + 1) * self.block_size, entry.bytes)
         try:
-            result = self._get(entry, start, end, deadline)
+            map_future = self._blockmap_future(entry, st, deadline)
+            result = self._get(entry, entry.path, start, end, deadline)
+            blockmap = self._blockmap_result(entry, st, map_future, deadline)
+            view = memoryview(result.data)
+            blocks: dict[int, bytes] = {}
+            for i in range(first, last + 1):
+                lo = (i - first) * self.block_size
+                block = bytes(view[lo:lo + self.block_length(entry, i)])
+                if blockmap is not None and not blockmap.check_block(i, block):
+                    self._integrity_failure(entry, f"block {i} does not match its block map")
+                blocks[i] = block
         except BaseException as exc:
             self._fail_futures(entry, futures, exc)
             return
         final = last == self.block_count(entry) - 1
-        view = memoryview(result.data)
-        blocks = {i: bytes(view[(i - first) * self.block_size:(i - first) * self.block_size
-                                + self.block_length(entry, i)]) for i in range(first, last + 1)}
-        # Readers of the blocks before the object's last one get them at once. The last block is
-        # held back until the whole object is verified (below), so a reader can never read an object
-        # to its end without that check. Futures stay in `_inflight` until their bytes are on disk,
-        # so a read arriving meanwhile takes them from memory instead of making another GET.
         for i in range(first, last if final else last + 1):
             futures[i].set_result(blocks[i])
         completed = False
-        if final:
-            try:
-                completed = self._complete_with(entry, first, result.data)
-            except BaseException as exc:
+        try:
+            completed = self._complete(entry, blocks)
+        except BaseException as exc:
+            if final:
                 self._fail_futures(entry, {last: futures[last]}, exc)
-                self._forget(entry, futures)
-                return
+            self._forget(entry, futures)
+            return
         if not completed:
             for i, block in blocks.items():
                 if not self.cache.put_block(entry.sha256, self.block_size, i, block):
-                    self.stats.add(uncached_writes=1)
+                    self.counters.add("uncached_writes")
         if final:
             futures[last].set_result(blocks[last])
+        # Futures stay in `_inflight` until the bytes are on disk, so a read arriving meanwhile takes
+        # them from memory instead of making another GET.
         self._forget(entry, futures)
+
+    def _complete(self, entry: Entry, fetched: dict[int, bytes]) -> bool:
+        """THE place an object becomes complete: when every block is at hand (`fetched` from S3 just now,
+        the others from the cache), assemble, verify against the sha256 and the CRCs of blocks served
+        before verification, and store it as a complete object. False when a block is missing (or the
+        disk is full); IntegrityError on a mismatch."""
+        n = self.block_count(entry)
+        others = [i for i in range(n) if i not in fetched]
+        if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in others):
+            return False
+        parts: list[bytes] = []
+        for i in range(n):
+            block = fetched.get(i)
+            if block is None:
+                block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+                if block is None:
+                    return False
+            parts.append(block)
+        data = b"".join(parts)
+        self._verify_whole(entry, data)
+        served = self.cache.served_crcs(entry.sha256, self.block_size)
+        for i, crc in served.items():
+            if i < n and zlib.crc32(parts[i]) != crc:
+                self._integrity_failure(entry, f"block {i} was served with other bytes than the verified object "
+                                               "has (fetched again since)")
+        self.cache.clear_suspect(entry.sha256)
+        return self._store_complete(entry, data) is not None
+
+    def _record_served(self, entry: Entry, st: _ObjectState, first: int, blocks: list[bytes]) -> None:
+        """Record the CRC of each block of an object without a map served to a reader, in the cache (every
+        process sees it): `_complete` then fails when the verified object has other bytes there. A block
+        recorded earlier with other bytes means the kernel may hold pages of both: the object is failed."""
+        for i, block in enumerate(blocks, start=first):
+            crc = zlib.crc32(block)
+            if st.served.get(i) == crc:
+                continue
+            if not self.cache.record_served(entry.sha256, self.block_size, i, crc):
+                self._integrity_failure(entry, f"block {i} was served before with other bytes")
+            st.served[i] = crc
 
     def _forget(self, entry: Entry, futures: dict[int, Future[bytes]]) -> None:
         with self._lock:
@@ -350,192 +639,72 @@ class ObjectReader:
         with self._lock:
             for i, fut in futures.items():
                 self._inflight.pop((entry.sha256, i), None)
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
 
-    def _complete_with(self, entry: Entry, first: int, tail: bytes) -> bool:
-        """Blocks 0..first-1 from the cache + `tail` = the whole object? Verify it and store it complete.
-        Raises IntegrityError on a mismatch; False when earlier blocks are missing or the disk is full."""
-        head: list[bytes] = []
-        for i in range(first):
-            block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
-            if block is None:
-                return False
-            head.append(block)
-        data = b"".join([*head, tail]) if head else tail
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry.sha256:
-            self._integrity_failure(entry, f"its bytes hash to {digest[:16]}…, not to its sha256")
+    # -- block maps ----------------------------------------------------------------------------------
+    def _blockmap_now(self, st: _ObjectState) -> BlockMap | None:
         with self._lock:
-            self._suspect.discard(entry.sha256)
-        return self.cache.put_object_bytes(data, entry.sha256, entry.ext) is not None
+            return st.blockmap if st.blockmap_known else None
 
-    def prefetch(self, entry: Entry, first: int, last: int) -> None:
-        """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
-        if self._closed:
-            return
-        wanted = [i for i in range(first, last + 1)
-                  if (entry.sha256, i) not in self._inflight and not self.cache.has_block(
-                      entry.sha256, self.block_size, i)]
-        if not wanted:
-            return
-        deadline = self._deadline()
-        for run_first, run_last, futures in self._claim(entry, wanted, {}):
-            self.stats.add(readahead_requests=1)
-            self._pool.submit(self._prefetch_run, entry, run_first, run_last, futures, deadline)
-
-    def _prefetch_run(self, entry: Entry, first: int, last: int, futures: dict[int, Future[bytes]],
-                      deadline: float) -> None:
-        self._fetch_run(entry, first, last, futures, deadline)
-        if last == self.block_count(entry) - 1:
-            with contextlib.suppress(S3fsimgError):
-                self.complete_if_whole(entry)
-
-    def complete_if_whole(self, entry: Entry) -> bool:
-        """If every block of the object is cached, verify it and make it a complete object (True).
-        Raises IntegrityError on a mismatch, like the read that completes an object in one GET."""
-        n = self.block_count(entry)
-        if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in range(n)):
-            return False
-        return self._complete_with(entry, n, b"")
-
-
-class Stream:
-    """Reads of one open file: keeps the sequential-read state and the descriptor of a complete object."""
-
-    def __init__(self, reader: ObjectReader, entry: Entry) -> None:
-        self.reader = reader
-        self.entry = entry
-        self._fd: int | None = None
-        self._memory: bytes | None = None  # the verified object, when the cache could not store it
-        self._next_offset = -1
-        self._window = 0
-        self._lock = threading.Lock()
-        self._failures_seen = reader.failure_count(entry.sha256)
-        self._served_blocks = False  # bytes not yet verified were served (see `read`)
-
-    def close(self) -> None:
+    def _blockmap_future(self, entry: Entry, st: _ObjectState, deadline: float) -> Future[BlockMap | None] | None:
+        """None when the map is known (or not needed); else the future of its fetch, started now if nobody
+        has started it (from the cache, else from S3, in parallel with the caller's GET)."""
+        if entry.bytes <= self.whole_object_max:
+            return None
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            if st.blockmap_known:
+                return None
+            if st.blockmap_future is None:
+                st.blockmap_future = self._map_pool.submit(self._load_blockmap, entry, deadline)
+            return st.blockmap_future
 
-    def _adopt(self, fd: int) -> int:
-        """Keep `fd` as this stream's descriptor of the complete object, unless a concurrent read
-        already set one (then `fd` is closed); returns the one kept."""
-        with self._lock:
-            if self._fd is None:
-                self._fd = fd
-            else:
-                os.close(fd)
-            return self._fd
+    def _blockmap_result(self, entry: Entry, st: _ObjectState, fut: Future[BlockMap | None] | None,
+                         deadline: float) -> BlockMap | None:
+        if fut is not None:
+            try:
+                blockmap = fut.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            except FutureTimeout:
+                raise BackendError(f"{self.store.where(blockmap_key(entry.sha256))}: the block map was not "
+                                   "fetched within the read deadline") from None
+            except BaseException:
+                with self._lock:
+                    if st.blockmap_future is fut:
+                        st.blockmap_future = None  # the next read tries again
+                raise
+            with self._lock:
+                st.blockmap, st.blockmap_known = blockmap, True
+        return self._blockmap_now(st)
 
-    def _complete_fd(self) -> int | None:
-        if self._fd is None:
-            fd = self.reader.cache.open_object(self.entry.sha256, self.entry.ext)
-            if fd is not None:
-                return self._adopt(fd)
-        return self._fd
-
-    def _open_whole(self) -> int | None:
-        """Fetch the whole object into the cache and open it; when the cache cannot take it (disk
-        full), keep the verified bytes in memory instead (returns None)."""
+    def _load_blockmap(self, entry: Entry, deadline: float) -> BlockMap | None:
+        """The object's block map from the cache, else from S3 (then kept in the cache); None when the
+        object has none, or one of another block size. IntegrityError when it is malformed."""
+        raw = self.cache.get_blockmap(entry.sha256)
+        from_s3 = raw is None
+        if raw is None:
+            key = blockmap_key(entry.sha256)
+            try:
+                raw = self._get(entry, key, 0, MAX_BLOCKMAP, deadline).data
+            except NotFound:
+                log.debug("%s has no block map: its blocks are served unverified", entry.sha256)
+                return None
         try:
-            path = self.reader.fetch_path(self.entry)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except (CacheError, FileNotFoundError):
-            self._memory = self.reader.download_verified(self.entry)
+            blockmap = BlockMap.from_bytes(raw, sha256=entry.sha256, size=entry.bytes)
+        except IntegrityError:
+            if not from_s3:
+                self.cache.drop_blockmap(entry.sha256)
+            self._integrity_failure(entry, "its block map is malformed")
+            raise  # unreachable: _integrity_failure raises
+        if from_s3 and not self.cache.put_blockmap(entry.sha256, raw):
+            self.counters.add("uncached_writes")
+        if blockmap.block_size != self.block_size:
+            log.debug("%s: block map of %d-byte blocks, reading in %d: served unverified", entry.sha256,
+                      blockmap.block_size, self.block_size)
             return None
-        return self._adopt(fd)
-
-    def read_nowait(self, offset: int, size: int) -> bytes | bytearray | None:
-        """The bytes, if they can be had without blocking: the object is complete in the cache, this
-        stream has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
-        Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
-        reads on its event loop without a thread hand-off."""
-        fd = self._fd
-        if fd is None or not _HAVE_NOWAIT:
-            return None
-        size = min(size, self.entry.bytes - offset)
-        if size <= 0 or offset < 0:
-            return b""
-        buf = bytearray(size)
-        try:
-            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-        except (BlockingIOError, OSError):
-            return None
-        if n != size:
-            return None
-        self.reader.stats.add(reads=1, bytes_read=n, cache_hits=1)
-        return buf  # no copy into bytes: the filesystem replies straight from this buffer
-
-    def read(self, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the object, short at its end; b"" at or after it."""
-        entry, reader = self.entry, self.reader
-        size = min(size, entry.bytes - offset)
-        if size <= 0 or offset < 0:
-            return b""
-        try:
-            fd = self._complete_fd()
-            hit = fd is not None
-            if not hit and self._memory is None and (entry.bytes <= reader.whole_object_max
-                                                     or reader.is_suspect(entry.sha256)):
-                fd = self._open_whole()
-            if fd is not None:
-                data = os.pread(fd, size, offset)
-            elif self._memory is not None:
-                data = self._memory[offset:offset + size]
-            else:
-                data = self._read_blocks(offset, size)
-                self._served_blocks = True
-            if self._served_blocks and reader.failure_count(entry.sha256) != self._failures_seen:
-                # The object failed verification since this stream opened, possibly in a read-ahead
-                # thread that completed it: block bytes this stream served may have been wrong, so it
-                # never reads on as if nothing happened (a new open reads the object whole, verified).
-                raise IntegrityError(f"{reader.store.where(entry.path)}: failed verification while being read")
-        except S3fsimgError:
-            reader.stats.add(errors=1)
-            raise
-        reader.stats.add(reads=1, bytes_read=len(data), cache_hits=int(hit))
-        return data
-
-    def _read_blocks(self, offset: int, size: int) -> bytes:
-        reader, entry, bs = self.reader, self.entry, self.reader.block_size
-        first, last = offset // bs, (offset + size - 1) // bs
-        sequential = offset == self._next_offset
-        self._next_offset = offset + size
-        nblocks = reader.block_count(entry)
-        if offset == 0 and size >= BULK_READ and entry.bytes <= reader.max_readahead and last + 1 < nblocks:
-            # A first read this large is the kernel's read-ahead answering a large read(2): the reader
-            # wants the file, so the whole object comes in this read's own GET (one round trip, as a
-            # plain GET). A header read (64 KiB asked) reaches us as 256 KiB and stays within block 0.
-            reader.prefetch(entry, first, nblocks - 1)
-        elif sequential and last >= 1 and last + 1 < nblocks:
-            # Not before the reading leaves block 0: the kernel reads 2x what a small header read asks
-            # (its own readahead), all of it in block 0, which must not pull in the rest of the object.
-            # The prefetch covers this read's own missing blocks too (first..), so the rest of a small
-            # object comes in one GET rather than one for this block and one for the following.
-            window_max = reader.max_readahead // bs
-            self._window = min(window_max, max(4, self._window * 2))
-            rest = nblocks - (last + 1)
-            ahead = rest if rest <= window_max else self._window
-            reader.prefetch(entry, first, last + ahead)
-        deadline = reader._deadline()
-        blocks, fetched = reader.read_blocks(entry, first, last, deadline)
-        if fetched or last == nblocks - 1:
-            # The read that completes the object verifies it (and fails if it does not match).
-            reader.complete_if_whole(entry)
-        start = offset - first * bs
-        joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
-        return joined[start:start + size]
+        return blockmap
 
 
-def iter_blocks(offset: int, size: int, block_size: int) -> Iterator[tuple[int, int, int]]:
-    """(block index, start within block, length) covering [offset, offset+size): the reference
-    arithmetic that `Stream._read_blocks` relies on (property-tested)."""
-    end = offset + size
-    while offset < end:
-        index = offset // block_size
-        start = offset - index * block_size
-        length = min(block_size - start, end - offset)
-        yield index, start, length
-        offset += length
+def block_span(offset: int, size: int, block_size: int) -> tuple[int, int]:
+    """The first and last block (inclusive) holding bytes [offset, offset+size), size > 0: the block
+    arithmetic of every read (property-tested against a byte-by-byte model)."""
+    return offset // block_size, (offset + size - 1) // block_size

@@ -226,7 +226,7 @@ def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], 
                     assert _digest(path.read_bytes()) == sha
         usage = os.statvfs(tmpfs)
         print(f"tmpfs free {usage.f_bavail * usage.f_frsize}, fetch CacheErrors {cache_errors}, "
-              f"reader stats {ds.reader.stats.snapshot()}")
+              f"reader stats {ds.reader.stats()}")
     assert full.seen + unstored.seen + unrecorded.seen + cache_errors > 0  # the disk did fill
 
 

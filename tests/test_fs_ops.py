@@ -16,11 +16,13 @@ import pyfuse3
 import pytest
 import trio
 
-from s3fsimg.errors import BackendError, IntegrityError, NotFound, ReadOnly, S3fsimgError
+from s3fsimg.counters import Counters
+from s3fsimg.errors import BackendError, IntegrityError, NotFound, S3fsimgError
 from s3fsimg.fs import STATS_XATTR, Operations, errno_for
 from s3fsimg.index import BY_ID_INODE, IMAGES_INODE, MANIFEST_INODE, ROOT_INODE, Index
 from s3fsimg.index_build import build_index
 from s3fsimg.manifest import Entry, object_path
+from s3fsimg.reader import COUNTER_NAMES
 from tests.checklogs import expect_logs
 
 CTX: Any = None  # the request context is not used by the Operations
@@ -30,39 +32,32 @@ def data_for(sha: str, size: int) -> bytes:
     return (sha.encode() * (size // 64 + 1))[:size]
 
 
-class FakeStream:
-    def __init__(self, reader: FakeReader, entry: Entry) -> None:
-        self.reader, self.entry, self.closed = reader, entry, False
-
-    def read(self, offset: int, size: int) -> bytes:
-        self.reader.threads.add(threading.get_ident())
-        if self.entry.sha256 in self.reader.fail:
-            raise self.reader.fail[self.entry.sha256]
-        return data_for(self.entry.sha256, self.entry.bytes)[offset:offset + size]
-
-    def read_nowait(self, offset: int, size: int) -> bytes | None:
-        return None  # always the worker-thread path, which the tests observe
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeStats:
-    def snapshot(self) -> dict[str, int]:
-        return {"cache_hits": 7, "s3_requests": 3}
-
-
 class FakeReader:
+    """The reader's interface (fs.Reader) over made-up object bytes, counting as the real one does."""
+
     def __init__(self) -> None:
         self.fail: dict[str, BaseException] = {}
-        self.streams: list[FakeStream] = []
         self.threads: set[int] = set()
-        self.stats = FakeStats()
+        self.gate: threading.Event | None = None
+        self.counters = Counters(COUNTER_NAMES)
+        self.on_untrusted_pages: Callable[[str], None] | None = None
 
-    def open_stream(self, entry: Entry) -> FakeStream:
-        s = FakeStream(self, entry)
-        self.streams.append(s)
-        return s
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        self.threads.add(threading.get_ident())
+        if self.gate is not None:
+            self.gate.wait(10)
+        if entry.sha256 in self.fail:
+            self.counters.add("read_errors")
+            raise self.fail[entry.sha256]
+        data = data_for(entry.sha256, entry.bytes)[offset:offset + size]
+        self.counters.add_many({"reads": 1, "bytes_read": len(data), "cache_hits": 1})
+        return data
+
+    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytes | None:
+        return None  # always the worker-thread path, which the tests observe
+
+    def may_keep_pages(self, entry: Entry) -> bool:
+        return True
 
 
 SHAS = [f"{i:02x}" * 32 for i in range(1, 4)]
@@ -170,15 +165,15 @@ def test_read_goes_through_a_worker_thread(ops: Operations, reader: FakeReader) 
         assert await ops.read(fi.fh, 69_000, 4096) == whole[69_000:]
         assert await ops.read(fi.fh, 80_000, 10) == b""
         await ops.release(fi.fh)
-        assert reader.streams[-1].closed
+        assert fi.fh == attr.st_ino  # the handle is the inode: any process of the mount can serve it
         assert threading.get_ident() not in reader.threads  # never on the trio thread
         assert ops.manifest_path is not None
         m = await ops.open(MANIFEST_INODE, os.O_RDONLY, CTX)
         assert await ops.read(m.fh, 0, 1 << 20) == ops.manifest_path.read_bytes()
         await ops.release(m.fh)
         stats = json.loads(await ops.getxattr(ROOT_INODE, STATS_XATTR, CTX))
-        assert stats["reads"] == 4 and stats["read_bytes"] == 4096 + 1000 + ops.manifest_path.stat().st_size
-        assert stats["cache_hits"] == 7 and stats["opens"] == 2
+        assert stats["reads"] == 3 + 1 and stats["bytes_read"] == 4096 + 1000 + ops.manifest_path.stat().st_size
+        assert stats["cache_hits"] == 3 and stats["opens"] == 2
 
     run(main)
 
@@ -239,7 +234,6 @@ def test_xattrs(ops: Operations) -> None:
 def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, reader: FakeReader,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     assert errno_for(NotFound("x")) == errno.ENOENT
-    assert errno_for(ReadOnly("x")) == errno.EROFS
     assert errno_for(BackendError("x")) == errno.EIO
     assert errno_for(IntegrityError("x")) == errno.EIO
     assert errno_for(S3fsimgError("x")) == errno.EIO
@@ -260,7 +254,7 @@ def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, reader: Fak
         del reader.fail[SHAS[1]]
         assert len(await ops.read(fi.fh, 0, 10)) == 10  # works again once the fault is gone
         stats = json.loads(await ops.getxattr(ROOT_INODE, STATS_XATTR, CTX))
-        assert stats["errors"] == 4
+        assert stats["read_errors"] == 4
 
     with expect_logs(r"^EIO reading ", level=logging.ERROR, count=2):
         run(main)
@@ -271,13 +265,7 @@ def test_errors_map_to_errno_and_eio_is_logged_once(ops: Operations, reader: Fak
 def test_slow_read_does_not_block_lookups(ops: Operations, reader: FakeReader) -> None:
     gate = threading.Event()
 
-    class SlowStream(FakeStream):
-        def read(self, offset: int, size: int) -> bytes:
-            gate.wait(10)
-            return b"x"
-
-    # replaces the method on this one instance, deliberately (mypy rejects assigning to a method)
-    reader.open_stream = lambda entry: SlowStream(reader, entry)  # type: ignore[method-assign]
+    reader.gate = gate
 
     async def main() -> None:
         attr = await resolve(ops, "by-path/a/one.jpg")
