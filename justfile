@@ -32,6 +32,10 @@ demo *args: setup
 bench *args: setup
     {{py}} -m bench "$@"
 
+# the fault soak: a mount and a Dataset under cycling S3 faults, every byte checked (docs/reliability.md)
+soak *args: setup
+    {{py}} -m tests.soak "$@"
+
 # hash DIR into a manifest (no S3 access)
 manifest dir *args: setup
     {{py}} -m s3fsimg manifest "$@"
