@@ -8,7 +8,7 @@
 * Logical ids and source paths with `..`, `/`, NUL, control characters, 300 bytes, odd Unicode, or a
   name that is also a directory never name anything outside the mount's tree: every name an index built
   from such a manifest lists under by-id/ and by-path/ is one safe component, and the listing is exactly
-  the manifest's names (a real mount of such a tree, walked with os.walk: tests/test_hostile_mount.py).
+  the manifest's names; a real mount of such a tree is walked with os.walk and every file read.
 * A logical map with bytes that are not UTF-8 on line 4 is refused naming line 4, exit 1, nothing uploaded.
 
 Hypothesis runs a fixed, derandomized profile: CI tries the same examples every time.
@@ -36,6 +36,8 @@ from s3fsimg.index import BY_ID_INODE, BY_PATH_INODE, ROOT_INODE, Index
 from s3fsimg.index_build import build_index
 from s3fsimg.manifest import FIELDS, EntryProblem, iter_entries, object_path, parse_entry, parse_line
 from s3fsimg.validate import validate
+from tests.cacheworker import build_workset, upload_dir
+from tests.mountutil import MountProcess, fuse_test
 
 ROOT = Path(__file__).resolve().parents[1]
 WHERE = "s3://lab/manifests/inventory-v1.jsonl"
@@ -355,3 +357,57 @@ def test_a_logical_map_not_utf8_on_line_4_is_refused_naming_line_4_and_nothing_i
     r = _cli({"DATASET_LOGICAL_MAP": str(bad)}, "manifest", str(sample_dir.root), "--out", str(tmp_path / "o.jsonl"))
     assert r.returncode == 1 and f"{bad}:4: not UTF-8" in r.stderr, r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+#: names that are valid, and odd: each must appear in the mount as itself, inside its directory
+ODD_IDS = ["...", " ", "-rf", "\u202eevil", "e\u0301", "\u00e9", "a" * 255, "\n", "\t\x01\x7f", "🙂", "．．",
+           "／etc", "..\\..\\x", "images", "manifest.jsonl", "\ufeff", "$HOME", "*", "..a"]
+ODD_PATHS = ["...", " /x.png", "-rf/\n.png", "e\u0301/x", "\u00e9/x", "x" * 300 + "/y.png", "..\\..\\evil.png",
+             "a/\x7f", "..a/b..", ".hidden/x", "by-id/x.png", "/".join(["deep"] * 30) + "/f.png", "\u202e/gnp.exe",
+             "ǅ/🙂/．．/／"]
+
+
+@fuse_test
+@pytest.mark.fuse
+@pytest.mark.timeout(120)
+def test_a_mount_of_odd_names_shows_each_inside_its_tree(s3_env: dict[str, str], sample_set: Any, moto_client: Any,
+                                                       tmp_path: Path) -> None:
+    """os.walk of a real mount whose manifest names objects by odd (valid) ids and paths: every name is
+    itself, inside the mount, and reads back the object's bytes."""
+    objects = list(upload_dir(build_workset(tmp_path / "ws", list(sample_set.distinct_images.values())[:4]),
+                              s3_env).values())
+    lines: list[str] = []
+    want: dict[tuple[str, ...], str] = {}
+    for i, name in enumerate([*ODD_IDS, *ODD_PATHS]):
+        e = objects[i % len(objects)]
+        if i < len(ODD_IDS):
+            line = {**e.to_dict(), "logical_id": name}
+            line.pop("source_path", None)
+            want[("by-id", name, e.path.rsplit("/", 1)[1])] = e.sha256
+        else:
+            line = {**e.to_dict(), "source_path": name}
+            line.pop("logical_id", None)
+            key = ("by-path", *name.split("/"))
+            want[key] = e.sha256
+        lines.append(json.dumps(line, ensure_ascii=False))
+    for e in objects:
+        want[tuple(e.path.split("/"))] = e.sha256
+    moto_client.put_object(Bucket=s3_env["S3_BUCKET"], Key="manifests/inventory-v1.jsonl",
+                           Body="\n".join(lines).encode() + b"\n")
+    mp = tmp_path / "mnt"
+    with MountProcess(mp):
+        top = os.path.realpath(mp)
+        seen: dict[tuple[str, ...], str] = {}
+        for dirpath, dirs, files in os.walk(mp):
+            rel = Path(dirpath).relative_to(mp).parts
+            for name in [*dirs, *files]:
+                full = os.path.join(dirpath, name)
+                assert os.path.realpath(full).startswith(top + os.sep), full
+                assert os.path.dirname(os.path.abspath(full)) == os.path.abspath(dirpath)
+            for name in files:
+                if rel or name != "manifest.jsonl":
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        key = (*rel, name)
+                        seen[key] = hashlib.sha256(f.read()).hexdigest()
+        assert seen == want
+        assert sorted(os.listdir(mp)) == ["by-id", "by-path", "images", "manifest.jsonl"]
