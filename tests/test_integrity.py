@@ -128,8 +128,10 @@ def test_a_wrong_block_dropped_before_verification_never_makes_a_wrong_whole_rea
         fd = os.open(path, os.O_RDONLY)
         try:
             part = os.pread(fd, 65536, 300_000)
-            assert not with_map, "a block that does not match its block map was served"
-            assert part != source[300_000:365_536]  # served unverified: the fault did land in this read
+            if with_map:  # the kernel re-sends a failed read-ahead as a page read, which then reads it whole
+                assert part == source[300_000:365_536], "a block that does not match its block map was served"
+            else:
+                assert part != source[300_000:365_536]  # served unverified: the fault did land in this read
         except OSError as exc:
             assert with_map and exc.errno == errno.EIO, exc
         finally:
