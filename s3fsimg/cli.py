@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from s3fsimg.config import ADDRESSING_STYLES, LOG_LEVELS, Config
-from s3fsimg.errors import S3fsimgError, UsageError
+from s3fsimg.errors import BackendError, S3fsimgError, UsageError
 from s3fsimg.log import setup_logging
 from s3fsimg.units import format_size
 
@@ -249,6 +249,44 @@ def random_fetch_cmd(count: int, seed: int | None, **flags: Any) -> None:
         shas = [e.sha256 for e in ds.sample(count, seed=seed)]
         for path in ds.fetch_many(shas, progress=count > 1):
             click.echo(str(path))
+
+
+@main.command("warm")
+@click.argument("targets", nargs=-1, metavar="[ID|PATH]...")
+@click.option("--from", "from_files", multiple=True, metavar="FILE",
+              help="ids (or mount paths), one a line; '-' reads standard input")
+@click.option("--all", "warm_all", is_flag=True, help="every object of the manifest")
+@click.option("--threads", type=click.IntRange(1, 256), default=32, show_default=True, help="fetches in flight")
+@S3_OPTIONS
+@CACHE_OPTIONS
+@_run
+def warm_cmd(targets: tuple[str, ...], from_files: tuple[str, ...], warm_all: bool, threads: int,
+             **flags: Any) -> None:
+    """Fill the cache for images named by id, by a file or directory of a mount, by --from FILE, or --all.
+
+    Stops at the cache bound (and says so): warming more would evict what it warmed.
+    """
+    from itertools import chain
+
+    from s3fsimg.dataset import Dataset
+    from s3fsimg.warm import entries_for, read_id_file, warm_entries
+
+    if not (targets or from_files or warm_all):
+        raise click.UsageError("nothing to warm: name ids or paths, --from FILE, or --all")
+    config = _config(flags)
+    with Dataset(config) as ds:
+        if warm_all:
+            entries = list(ds.entries())
+        else:
+            names = chain(targets, *(read_id_file(f) for f in from_files))
+            entries = list(entries_for(ds, names))
+        report = warm_entries(ds.reader, entries, bound=config.cache_max_bytes, threads=threads)
+    if note := report.note():
+        click.echo(note, err=True)
+    click.echo(report.summary(str(config.cache_dir)))
+    if report.failed:
+        raise BackendError(f"{report.failed} of {report.planned} images could not be warmed; the first: "
+                           f"{report.first_error}")
 
 
 @main.group("cache")
