@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,22 +24,22 @@ ADDRESSING_STYLES = ("auto", "path", "virtual")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MANIFEST_KEY = "manifests/inventory-v1.jsonl"
 
-#: variable -> (Config field, default). Flags use the field name.
-VARIABLES: dict[str, tuple[str, str | None]] = {
-    "S3_BUCKET": ("bucket", None),
-    "S3_ENDPOINT_URL": ("endpoint_url", None),
-    "S3_ADDRESSING_STYLE": ("addressing_style", "auto"),
-    "S3_ANONYMOUS": ("anonymous", "0"),
-    "DATASET_PREFIX": ("prefix", ""),
-    "DATASET_MANIFEST_KEY": ("manifest_key", DEFAULT_MANIFEST_KEY),
-    "DATASET_CACHE_DIR": ("cache_dir", "/tmp/imgcache"),
-    "DATASET_CACHE_MAX_BYTES": ("cache_max_bytes", "10G"),
-    "DATASET_LOGICAL_MAP": ("logical_map", None),
-    "DATASET_READ_DEADLINE": ("read_deadline", "30s"),
-    "DATASET_LOG_LEVEL": ("log_level", "warning"),
+#: variable -> Config field. Flags use the field name; the defaults are the field defaults of `Config`.
+VARIABLES: dict[str, str] = {
+    "S3_BUCKET": "bucket",
+    "S3_ENDPOINT_URL": "endpoint_url",
+    "S3_ADDRESSING_STYLE": "addressing_style",
+    "S3_ANONYMOUS": "anonymous",
+    "DATASET_PREFIX": "prefix",
+    "DATASET_MANIFEST_KEY": "manifest_key",
+    "DATASET_CACHE_DIR": "cache_dir",
+    "DATASET_CACHE_MAX_BYTES": "cache_max_bytes",
+    "DATASET_LOGICAL_MAP": "logical_map",
+    "DATASET_READ_DEADLINE": "read_deadline",
+    "DATASET_LOG_LEVEL": "log_level",
     # Tuning knobs beyond the contract (defaults chosen by bench/bench_cache.py).
-    "DATASET_BLOCK_SIZE": ("block_size", "256K"),
-    "DATASET_WHOLE_OBJECT_MAX": ("whole_object_max", "1M"),
+    "DATASET_BLOCK_SIZE": "block_size",
+    "DATASET_WHOLE_OBJECT_MAX": "whole_object_max",
 }
 
 #: What botocore accepts as a bucket name (S3-compatible stores differ on the finer rules; an ARN too)
@@ -51,6 +51,9 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 @dataclass(frozen=True)
 class Config:
+    """The configuration. Its field defaults are the defaults of every variable and flag (the
+    contract's: 10G is 10 << 30, 30s is 30.0)."""
+
     bucket: str | None = None
     endpoint_url: str | None = None
     addressing_style: str = "auto"
@@ -64,7 +67,6 @@ class Config:
     log_level: str = "warning"
     block_size: int = 256 << 10
     whole_object_max: int = 1 << 20
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
@@ -83,11 +85,13 @@ class Config:
                     reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                     raise ConfigError(f"{env_path}: cannot read it ({reason})") from None
             env = os.environ
-        # An empty value (`VAR=` in .env, `--flag ''`) means "not set": the default applies.
+        # An empty value (`VAR=` in .env, `--flag ''`) means "not set": the default applies (the field's,
+        # parsed again like a given value, which it passes).
+        defaults = {f.name: f.default for f in fields(cls)}
         raw: dict[str, Any] = {}
-        for var, (name, default) in VARIABLES.items():
+        for var, name in VARIABLES.items():
             value = env.get(var)
-            raw[name] = (value, var) if value is not None and value.strip() else (default, var)
+            raw[name] = (value, var) if value is not None and value.strip() else (defaults[name], var)
         for name, value in (flags or {}).items():
             if value is not None and not (isinstance(value, str) and not value.strip()):
                 raw[name] = (value, "--" + name.replace("_", "-"))

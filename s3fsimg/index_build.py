@@ -25,7 +25,6 @@ directory of another source_path. A violation is a ManifestError naming the line
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -41,6 +40,7 @@ from typing import Any
 
 from s3fsimg.config import private_dirs
 from s3fsimg.errors import ManifestError
+from s3fsimg.files import replace_file
 from s3fsimg.index import FORMAT_VERSION, INDEXES, SCHEMA
 from s3fsimg.manifest import EntryProblem, parse_fields
 
@@ -83,14 +83,7 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
         finally:
             db.close()
         started = time.perf_counter()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        replace_file(tmp, dest, mode=0o600, fsync=True)
         times["fsync"] = time.perf_counter() - started
     except sqlite3.Error as exc:
         raise ManifestError(f"{name}: cannot build the index at {dest}: {exc}") from None
@@ -98,15 +91,6 @@ def build_index(manifest_file: Path, dest: Path, *, manifest_digest: str, where:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}-journal").unlink(missing_ok=True)
     return times
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class _LineError(Exception):

@@ -15,21 +15,18 @@ On-disk layout, under the cache directory::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, ManifestError, NotFound, S3fsimgError
+from s3fsimg.files import atomic_write, locked
 from s3fsimg.index import Index
 from s3fsimg.index_build import child_env
 
@@ -48,16 +45,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def ensure_index(manifest_file: Path, index_dir: Path, *, digest: str | None = None, where: str | None = None,
                  mtime_ns: int | None = None) -> Index:
     """The open index of a local manifest, built under `index_dir/<sha256>.sqlite` if missing (under an
@@ -67,7 +54,7 @@ def ensure_index(manifest_file: Path, index_dir: Path, *, digest: str | None = N
     dest = index_dir / f"{digest}.sqlite"
     with contextlib.suppress(ManifestError):
         return Index.open(dest, manifest_digest=digest)
-    with _flock(index_dir / f"{digest}.lock"):
+    with locked(index_dir / f"{digest}.lock"):
         try:
             return Index.open(dest, manifest_digest=digest)  # another process built it meanwhile
         except ManifestError:
@@ -160,22 +147,15 @@ def _head_manifest(store: S3Store, relative: str, where: str) -> dict[str, Any]:
 
 def _download_manifest(store: S3Store, relative: str, where: str, local: Path, sidecar: Path, ident: str,
                        info: dict[str, Any]) -> dict[str, Any]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(local, fsync=True) as pending, pending.open("wb") as f:
             hashing = _HashingWriter(f)  # hashed as it arrives: the copy is not read back
             got = store.download_file(relative, cast(IO[bytes], hashing))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
         digest = hashing.hash.hexdigest()
-        os.replace(tmp, local)
     except NotFound:
         raise ManifestError(f"{where}: no manifest in the bucket (upload a dataset first)") from None
     except BackendError as exc:
         raise ManifestError(f"{where}: cannot read the manifest: {_reason(exc, where)}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     meta = {"ident": ident, "file": local.name, "etag": got.get("etag") or info["etag"], "size": got["size"],
             "sha256": digest, "mtime_ns": info["mtime_ns"], "fetched_at": time.time()}
     _write_json(sidecar, meta)
@@ -209,14 +189,8 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as pending, pending.open("w", encoding="utf-8") as f:
+        json.dump(data, f)
 
 
 def _latest_copy(manifests: Path, ident: str) -> dict[str, Any] | None:

@@ -20,7 +20,6 @@ file rather than Python sets, so a manifest of millions of lines validates in a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from s3fsimg.errors import ManifestError, quoted
+from s3fsimg.files import atomic_write
 
 # \Z, not $: $ also matches before a final newline, which would let "image/jpeg\n" through.
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -326,17 +326,11 @@ def write_manifest_file(entries: Iterable[Entry], path: Path, *, write_empty: bo
     """Write atomically: a temporary file in the same directory, fsync, rename. With `write_empty`
     False, a manifest of no entries (invalid) is not written, and a file already at `path` stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+    with atomic_write(path, mode=0o644, fsync=True) as pending:
+        with pending.open("w", encoding="utf-8", newline="\n") as out:
             n = write_manifest(entries, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if n or write_empty:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        if not (n or write_empty):
+            pending.discard()
     return n
 
 

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import botocore.exceptions as bexc
 import botocore.session
@@ -49,6 +49,18 @@ _AUTH_CODES = {
 }
 _RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "SlowDown", "ServiceUnavailable",
                     "RequestTimeout", "RequestTimeTooSkewed", "ThrottlingException"}
+#: What S3 answers for a missing object or bucket: its own code, or on a HEAD (no body) only the status,
+#: which botocore gives as "404" or "NotFound".
+_MISSING_CODES = {"object": ("NoSuchKey", "404", "NotFound"), "bucket": ("NoSuchBucket", "404", "NotFound")}
+
+
+def _error_code(exc: bexc.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_missing(code: str, what: Literal["object", "bucket"]) -> bool:
+    """Whether an error code says the object (or the bucket) does not exist."""
+    return code in _MISSING_CODES[what]
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,11 @@ def translate(exc: BaseException, where: str) -> S3fsimgError:
         return exc
     if isinstance(exc, bexc.ClientError):
         err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
+        code = _error_code(exc)
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket",):
+        if code == "NoSuchBucket":  # (a HEAD's bare 404 is taken as the object's, below)
             return NotFound(f"{where}: the bucket does not exist")
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if _is_missing(code, "object"):
             return NotFound(f"{where}: no such object")
         if code in _AUTH_CODES:
             return BackendError(f"{where}: {_AUTH_CODES[code]}")
@@ -183,8 +195,8 @@ class S3Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except bexc.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
+            code = _error_code(exc)
+            if _is_missing(code, "bucket"):
                 raise NotFound(f"s3://{self.bucket}: the bucket does not exist") from None
             if code in ("403", "AccessDenied"):
                 raise BackendError(f"s3://{self.bucket}: access denied (wrong credentials or no permission "
@@ -207,8 +219,8 @@ class S3Store:
             return {"size": int(resp["ContentLength"]), "etag": quoted_etag(resp.get("ETag")),
                     "last_modified": resp.get("LastModified")}
         except bexc.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code"))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            code = _error_code(exc)
+            if _is_missing(code, "object"):
                 return None
             if not (self.config.anonymous and code in ("403", "AccessDenied")):
                 raise translate(exc, where) from None
