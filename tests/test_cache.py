@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from s3fsimg.dataset import Dataset
 from s3fsimg.errors import CacheError
 from s3fsimg.manifest import Entry
+from tests.asuser import probe_as_other_user
 from tests.cacheworker import (
     ROOT,
     UsageSampler,
@@ -233,7 +236,27 @@ def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], 
 # ---------------------------------------------------------------------- permissions and the commands
 
 
-def test_cache_dir_is_private(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any) -> None:
+@pytest.mark.parametrize("existing_root", [False, True])
+def test_cache_dir_is_private(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any, existing_root: bool,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every directory the cache creates is 0700 and every file 0600, in the whole cache directory (objects,
+    blocks, ledger, locks, the manifest, its index; the uploader's hash cache), and another user can read
+    none of them, even when the cache root is an existing directory others may enter."""
+    cache = Path(s3_env["DATASET_CACHE_DIR"])
+    if existing_root:  # outside tmp_path (0700), so that the other user reaches the root
+        top = Path(tempfile.mkdtemp(prefix="s3fsimg-cache-"))
+        os.chmod(top, 0o755)
+        cache = top / "cache"
+        cache.mkdir(mode=0o755)
+        monkeypatch.setenv("DATASET_CACHE_DIR", str(cache))
+    try:
+        _fill_and_check_private(fifty, cache, existing_root)
+    finally:
+        if existing_root:
+            shutil.rmtree(cache.parent)
+
+
+def _fill_and_check_private(fifty: dict[str, Entry], cache: Path, existing_root: bool) -> None:
     old = os.umask(0o022)
     try:
         with Dataset.from_env(block_size="64K") as ds:
@@ -245,21 +268,22 @@ def test_cache_dir_is_private(fifty: dict[str, Entry], s3_env: dict[str, str], p
                 f.read(100_000)  # leaves blocks
     finally:
         os.umask(old)
-    cache = Path(s3_env["DATASET_CACHE_DIR"])
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    exposed = []
-    # v1/ is cache.py's; index/ and manifests/ (index.py) and hashes/ (the uploader) are checked by
-    # their owners' tests: a 0700 root already keeps other users out of all of them.
-    for dirpath, dirs, files in os.walk(cache / "v1"):
-        for name in files:
-            mode = stat.S_IMODE(os.lstat(os.path.join(dirpath, name)).st_mode)
+    assert stat.S_IMODE(cache.stat().st_mode) == (0o755 if existing_root else 0o700)
+    exposed, paths = [], []
+    for dirpath, dirs, files in os.walk(cache):
+        for name in [*files, *dirs]:
+            path = os.path.join(dirpath, name)
+            paths.append(path)
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
             if mode & 0o077:
-                exposed.append((os.path.join(dirpath, name), oct(mode)))
-        for name in dirs:
-            mode = stat.S_IMODE(os.lstat(os.path.join(dirpath, name)).st_mode)
-            if mode & 0o077:
-                exposed.append((os.path.join(dirpath, name), oct(mode)))
+                exposed.append((path, oct(mode)))
     assert exposed == [], "\n".join(f"{p} {m}" for p, m in exposed)
+    tops = {Path(p).relative_to(cache).parts[0] for p in paths}
+    assert tops >= ({"v1", "index", "manifests"} if existing_root else {"v1", "index", "manifests", "hashes"}), tops
+    if os.getuid() == 0:  # and actually try, as another user
+        tried = probe_as_other_user([cache, *paths])
+        assert tried.pop(str(cache)) == ("ok" if existing_root else "EACCES")
+        assert set(tried.values()) == {"EACCES"}, {p: r for p, r in tried.items() if r != "EACCES"}
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -29,6 +29,7 @@ from s3fsimg.config import Config
 from s3fsimg.manifest import Entry, iter_entries
 from s3fsimg_lab.images import SampleSet
 from s3fsimg_lab.proxy import LabProxy
+from tests.asuser import probe_as_other_user
 from tests.mountutil import MountProcess, fuse_test, is_mounted
 
 pytestmark = [fuse_test, pytest.mark.fuse]
@@ -225,6 +226,18 @@ def test_other_users_need_allow_other(dataset: Dataset, mnt_dir: Path, allow_oth
         else:
             assert result.returncode != 0
             assert "Permission denied" in result.stderr
+        # uid 65534 (setuid in the child): every kind of access is EACCES, or reads the right bytes
+        some = dataset.entries[:3]
+        paths = [mnt_dir, mnt_dir / "by-path", *(mnt_dir / e.path for e in some),
+                 *(mnt_dir / "by-path" / e.source_path for e in some if e.source_path)]
+        tried = probe_as_other_user(paths)
+        if allow_other:
+            expected = {str(p): "ok" for p in paths[:2]}
+            expected.update({str(mnt_dir / e.path): e.sha256 for e in some})
+            expected.update({str(mnt_dir / "by-path" / e.source_path): e.sha256 for e in some if e.source_path})
+        else:
+            expected = {str(p): "EACCES" for p in paths}
+        assert tried == expected
 
 
 @needs_reader
