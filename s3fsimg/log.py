@@ -16,6 +16,7 @@ from pathlib import Path
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _PATTERNS = [
     re.compile(r"(Signature=)[0-9a-fA-F]+"),
+    re.compile(r"(Signature:\s*)[0-9a-fA-F]{64}"),  # botocore.auth's debug line "Signature:\n<hex>"
     re.compile(r"(Credential=)[^,/\s'\"]+"),
     re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token)['\"]?\s*[:=]\s*b?['\"]?)[^'\"&\s,}]+"),
     re.compile(r"((?:X-Amz-Signature|X-Amz-Credential)=)[^&\s'\"]+"),
