@@ -18,13 +18,17 @@ On-disk layout (every directory it creates 0700, every file 0600, so other users
         locks/<xxxx>                   up to 65536 lock files (the first four hex digits of a sha256);
                                        an exclusive flock on one makes a whole-object fetch
                                        single-flight across processes (and threads)
-        maps/ab/<sha256>               block maps (as fetched from S3: see blockmap.py), counted in the ledger
+        maps/ab/<sha256>               block maps, counted in the ledger: file = 8-byte header (b"S3M1" +
+                                       CRC-32 of the map) + the map's bytes as fetched from S3 (see
+                                       blockmap.py), so a map damaged on disk is fetched again, not used
         suspect/<sha256>               empty marker: the object failed verification in some process; every
                                        process then serves it only after a whole-object verification
         served/<bs>/<sha256>           for objects without a block map: 8 bytes per block index (b"SV\0\0" +
                                        big-endian CRC-32) of the bytes served before verification, so
                                        the read that completes the object can tell whether the kernel
-                                       may hold other bytes (see reader.py); flock'd while written
+                                       may hold other bytes (see reader.py); flock'd while written.
+                                       Not counted in the ledger (a few bytes per object); removed when
+                                       the object is complete or dropped, and by `clear`
         locks/ledger                   held shared by every process using the cache (see ledger.py)
         ledger.sqlite                  the LRU ledger (WAL mode; owned by ledger.py)
         boot_id                        the boot in which the cache was last opened (see `_check_boot`)
@@ -32,10 +36,11 @@ On-disk layout (every directory it creates 0700, every file 0600, so other users
 
 Invariants (what makes it safe from many processes and after SIGKILL at any instant):
 - A file under objects/, blocks/ or maps/ is complete: it is written under tmp/, then renamed. A block
-  is checked against its CRC on every read; an object was verified before rename, and carries a fixed
-  mtime (`STAMP_NS`): a complete object whose mtime differs was written to since, and is re-hashed
-  before it is served (dropped when it no longer matches its name). Nothing is fsynced
-  on the hot path; after a reboot the objects written last are re-verified once (`_check_boot`).
+  or a map is checked against its CRC on every read; an object was verified before rename, and carries
+  a fixed mtime (`STAMP_NS`): a complete object whose mtime differs was written to since, and is
+  re-hashed before it is served (dropped when it no longer matches its name). `verify` (the command
+  `s3fsimg cache verify`) re-hashes everything. Nothing is fsynced on the hot path; after a reboot
+  the objects written last are re-verified once (`_check_boot`).
 - The ledger row of a file is written *before* the rename, so a killed process can leave a row
   without a file (harmless: eviction skips it) but never a file the bound does not count. A row
   another process evicted before the rename is written again after it (`_write_file`).
@@ -57,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -73,7 +77,7 @@ from typing import Any
 
 from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, CacheError
-from s3fsimg.files import atomic_write, locked
+from s3fsimg.files import atomic_write, flock, locked
 from s3fsimg.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -84,8 +88,11 @@ _HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
 _DIRTY_WINDOW = 300.0  # seconds of writes the kernel may not have flushed at a crash (with margin)
 _COUNTED_TREES = ("objects", "blocks", "maps")  # the trees of files the ledger counts
 _MARKER_TREES = ("suspect", "served")  # small per-object records, not counted, emptied with the rest
-#: The mtime of every complete object (2001-09-09T01:46:40.123456789Z): any write changes it.
-STAMP_NS = 1_000_000_000_123_456_789
+#: The mtime of every complete object (2001-09-09T01:46:40Z): any write changes it. Whole (even)
+#: seconds, so file systems with coarse timestamps (1 s on ext4 with small inodes, 2 s on FAT) keep
+#: it exactly; with nanoseconds they would round it and every open would re-hash the object.
+STAMP_NS = 1_000_000_000 * 1_000_000_000
+_MAP_MAGIC = b"S3M1"  # maps/ files: this + CRC-32 of the map (`_HEADER`), then the map
 _SERVED = struct.Struct(">2s2xI")  # b"SV", pad, crc32 of the bytes served
 
 
@@ -94,6 +101,14 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+def _sha256_of(fd: int) -> str:
+    """The sha256 (hex) of an open file, read from its current offset to its end."""
+    hasher = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,7 +174,8 @@ class DiskCache:
         for entry in os.scandir(self.base / "tmp"):
             pid_text = entry.name.split("-", 1)[0]
             try:
-                stale = not _pid_alive(int(pid_text)) or now - entry.stat().st_mtime > 24 * 3600
+                # ctime, not mtime: a complete object's temp file has its mtime set to 2001 (STAMP_NS)
+                stale = not _pid_alive(int(pid_text)) or now - entry.stat().st_ctime > 24 * 3600
             except (ValueError, OSError):
                 stale = True
             if stale:
@@ -240,7 +256,7 @@ class DiskCache:
 
     def open_object(self, sha256: str, ext: str) -> int | None:
         """A read-only descriptor of the complete object, or None. Marks it used. (The hot path of warm
-        reads: one open(2), no stat, string paths.)"""
+        reads: one open(2) and one fstat(2) for the stamp, string paths.)"""
         name = f"objects/{sha256[0:2]}/{sha256[2:4]}/{sha256}.{ext}"
         fd = self._open_checked(name, sha256)
         if fd is not None:
@@ -262,21 +278,19 @@ class DiskCache:
         try:
             if os.fstat(fd).st_mtime_ns == STAMP_NS:
                 return fd
-            hasher = hashlib.sha256()
-            while chunk := os.read(fd, 1 << 20):
-                hasher.update(chunk)
-            if hasher.hexdigest() != sha256:
-                log.warning("cache: %s was modified on disk and no longer matches its hash; dropping it", name)
-                os.close(fd)
-                self._drop(name)
-                return None
-            os.lseek(fd, 0, os.SEEK_SET)
-            with contextlib.suppress(OSError):
-                os.utime(f"{self._base_str}/{name}", ns=(time.time_ns(), STAMP_NS))
-            return fd
-        except OSError:
-            os.close(fd)
-            return None
+            intact = _sha256_of(fd) == sha256
+            if intact:
+                os.lseek(fd, 0, os.SEEK_SET)
+                with contextlib.suppress(OSError):
+                    os.utime(fd, ns=(time.time_ns(), STAMP_NS))
+                return fd
+        except OSError:  # unreadable: a miss
+            intact = True  # (nothing known against it: left in place)
+        os.close(fd)
+        if not intact:
+            log.warning("cache: %s was modified on disk and no longer matches its hash; dropping it", name)
+            self._drop(name)
+        return None
 
     def put_object_bytes(self, data: bytes, sha256: str, ext: str) -> Path | None:
         """Store verified bytes as the complete object (temp file, rename); None if the disk cannot take
@@ -402,19 +416,35 @@ class DiskCache:
         return f"maps/{sha256[0:2]}/{sha256}"
 
     def get_blockmap(self, sha256: str) -> bytes | None:
-        """The object's block map as fetched from S3 (raw bytes), or None. Marks it used."""
+        """The object's block map as fetched from S3 (raw bytes), or None (also when its file fails its
+        CRC: then it is dropped). Marks it used."""
         name = self.blockmap_name(sha256)
         try:
             with open(self.base / name, "rb") as f:
-                raw = f.read()
+                stored = f.read()
         except OSError:
+            return None
+        raw = self._unwrap_map(stored)
+        if raw is None:
+            log.warning("cache: block map %s fails its checksum; dropping it", name)
+            self._drop(name)
             return None
         self.ledger.touch(name)
         return raw
 
+    @staticmethod
+    def _unwrap_map(stored: bytes) -> bytes | None:
+        """The map bytes of a maps/ file, or None when its header or CRC is wrong."""
+        if len(stored) < _HEADER.size:
+            return None
+        magic, crc = _HEADER.unpack_from(stored)
+        raw = stored[_HEADER.size:]
+        return raw if magic == _MAP_MAGIC and zlib.crc32(raw) == crc else None
+
     def put_blockmap(self, sha256: str, raw: bytes) -> bool:
         """Keep the object's block map (atomic, counted in the ledger); False if it could not be stored."""
-        return self._write_file(self.blockmap_name(sha256), raw, fsync=False)
+        payload = _HEADER.pack(_MAP_MAGIC, zlib.crc32(raw)) + raw
+        return self._write_file(self.blockmap_name(sha256), payload, fsync=False)
 
     def drop_blockmap(self, sha256: str) -> None:
         self._drop(self.blockmap_name(sha256))
@@ -446,7 +476,7 @@ class DiskCache:
                 private_dirs(Path(path).parent)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                flock(fd)
                 old = os.pread(fd, _SERVED.size, index * _SERVED.size)
                 if len(old) == _SERVED.size:
                     magic, crc = _SERVED.unpack(old)
@@ -494,8 +524,10 @@ class DiskCache:
 
     # -- commands ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """Sizes and counts from the ledger: everything, complete objects, blocks, block maps."""
         total, files = self.ledger.totals()
         object_bytes, objects = self.ledger.totals_under("objects/")
+        map_bytes, maps = self.ledger.totals_under("maps/")
         return {
             "dir": str(self.root),
             "bytes": total,
@@ -503,11 +535,14 @@ class DiskCache:
             "files": files,
             "objects": objects,
             "object_bytes": object_bytes,
-            "blocks": files - objects,
-            "block_bytes": total - object_bytes,
+            "blocks": files - objects - maps,
+            "block_bytes": total - object_bytes - map_bytes,
+            "maps": maps,
+            "map_bytes": map_bytes,
         }
 
     def clear(self) -> int:
-        """Remove every cached object and block. Safe while others use the cache: each file is unlinked
-        under the ledger lock (open readers keep their data), and later reads refetch."""
+        """Remove every cached object, block and block map, and every suspect marker and served record.
+        Safe while others use the cache: it happens under the ledger's write lock (open readers keep
+        their data), and later reads refetch. Returns the bytes the ledger counted."""
         return self.ledger.clear()

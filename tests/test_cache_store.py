@@ -1,17 +1,20 @@
 """DiskCache and its ledger on real files in tmp_path, without S3: modes, the reset of a broken ledger,
-LRU order through the batched ledger. (The many-process tests through S3 are in test_cache.py.)"""
+LRU order through the batched ledger, block maps, suspect markers, served-CRC records (two processes at
+once), the stamp of complete objects. (The many-process tests through S3 are in test_cache.py.)"""
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from s3fsimg.cache import DiskCache
+from s3fsimg.cache import STAMP_NS, DiskCache
 from s3fsimg.errors import CacheError
 from tests.checklogs import expect_logs
 
@@ -106,3 +109,174 @@ def test_recently_used_files_are_evicted_last(tmp_path: Path, monkeypatch: pytes
         other.put_object_bytes(blobs["d"], shas["d"], "jpg")
         present = {k for k in "acd" if (root / "v1" / other.object_name(shas[k], "jpg")).exists()}
         assert present == {"a", "d"}
+
+
+# ------------------------------------------------------------- block maps, integrity records, the stamp
+
+
+def _obj(tag: bytes, n: int = 5000) -> tuple[bytes, str]:
+    data = (tag * n)[:n]
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def test_block_maps_are_kept_counted_and_checked(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    raw = b'{"format": "s3fsimg-blockmap-1", "whatever": 1}'
+    _, sha = _obj(b"m")
+    with DiskCache(root, 1 << 20) as cache:
+        assert cache.get_blockmap(sha) is None
+        assert cache.put_blockmap(sha, raw)
+        assert cache.get_blockmap(sha) == raw
+        stats = cache.stats()
+        assert (stats["maps"], stats["objects"], stats["blocks"]) == (1, 0, 0)
+        assert stats["map_bytes"] == stats["bytes"] == len(raw) + 8
+        path = root / "v1" / "maps" / sha[:2] / sha
+        assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+        data, _ = _obj(b"m")
+        cache.put_object_bytes(data, sha, "png")
+        cache.drop_object(sha, "png")  # maps are facts of the object: they stay
+        assert cache.get_blockmap(sha) == raw
+        # A map damaged on disk is not handed out: dropped (and counted out), fetched again by the reader.
+        stored = bytearray(path.read_bytes())
+        stored[-3] ^= 0x01
+        path.write_bytes(bytes(stored))
+        with expect_logs(r"block map maps/.* fails its checksum; dropping it", count=1):
+            assert cache.get_blockmap(sha) is None
+        assert not path.exists() and cache.stats()["files"] == 0
+        assert cache.put_blockmap(sha, raw)
+        cache.drop_blockmap(sha)
+        assert cache.get_blockmap(sha) is None and cache.stats()["files"] == 0
+
+
+def test_suspect_markers_are_shared_and_cleared(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _, sha = _obj(b"s")
+    with DiskCache(root, 1 << 20) as one, DiskCache(root, 1 << 20) as other:
+        assert not one.is_suspect(sha)
+        one.mark_suspect(sha)
+        one.mark_suspect(sha)  # idempotent
+        assert other.is_suspect(sha)
+        assert stat.S_IMODE((root / "v1" / "suspect" / sha).stat().st_mode) == 0o600
+        other.clear_suspect(sha)
+        other.clear_suspect(sha)  # idempotent
+        assert not one.is_suspect(sha)
+
+
+def test_served_crcs_are_recorded_per_block_size_and_forgotten(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _, sha = _obj(b"v")
+    with DiskCache(root, 1 << 20) as cache:
+        assert cache.served_crcs(sha, 4096) == {}
+        assert cache.record_served(sha, 4096, 3, 0xDEADBEEF)
+        assert cache.record_served(sha, 4096, 0, 0)  # a CRC of 0 is a CRC like any other
+        assert cache.record_served(sha, 4096, 3, 0xDEADBEEF)  # the same bytes again: fine
+        assert not cache.record_served(sha, 4096, 3, 0x12345678)  # other bytes for block 3
+        assert cache.record_served(sha, 8192, 3, 0x12345678)  # another block size is another record
+        assert cache.served_crcs(sha, 4096) == {0: 0, 3: 0xDEADBEEF}
+        assert cache.served_crcs(sha, 8192) == {3: 0x12345678}
+        record = root / "v1" / "served" / "4096" / sha
+        assert record.read_bytes()[24:32] == b"SV\0\0\xde\xad\xbe\xef"
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        assert cache.stats()["files"] == 0  # not counted in the ledger
+        cache.forget_served(sha)
+        assert cache.served_crcs(sha, 4096) == {} and cache.served_crcs(sha, 8192) == {}
+        assert cache.record_served(sha, 4096, 3, 0x12345678)  # a new record after forgetting
+
+
+def _record_many(root: str, sha: str, crc: int, start: Any, out: Any) -> None:
+    """Worker: after `start`, record `crc` for blocks 0..199; put the indexes refused on `out`."""
+    with DiskCache(Path(root), 1 << 20) as cache:
+        start.wait()
+        out.put([i for i in range(200) if not cache.record_served(sha, 4096, i, crc)])
+
+
+def test_two_processes_recording_other_bytes_for_a_block_one_of_them_is_refused(tmp_path: Path) -> None:
+    """Two processes serve blocks 0..199 of one object with different bytes at the same moment: for every
+    block exactly one of them is told the block was served with other bytes (never both accepted)."""
+    root = tmp_path / "cache"
+    _, sha = _obj(b"p")
+    DiskCache(root, 1 << 20).close()
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_record_many, args=(str(root), sha, crc, start, out)) for crc in (1111, 2222)]
+    for p in procs:
+        p.start()
+    start.set()
+    refused = [out.get(timeout=30), out.get(timeout=30)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(refused[0] + refused[1]) == list(range(200))
+    with DiskCache(root, 1 << 20) as cache:
+        crcs = cache.served_crcs(sha, 4096)
+    assert set(crcs) == set(range(200)) and set(crcs.values()) <= {1111, 2222}
+
+
+def test_clear_removes_maps_markers_and_records_too(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    data, sha = _obj(b"c")
+    with DiskCache(root, 1 << 20) as cache:
+        cache.put_object_bytes(data, sha, "jpg")
+        cache.put_block(sha, 4096, 0, data[:4096])
+        cache.put_blockmap(sha, b"{}")
+        cache.mark_suspect(sha)
+        cache.record_served(sha, 4096, 0, 7)
+        assert cache.clear() == len(data) + (8 + 4096) + (8 + 2)  # the object, a block, a map
+        assert cache.stats()["files"] == 0
+        assert cache.get_blockmap(sha) is None and not cache.is_suspect(sha)
+        assert cache.served_crcs(sha, 4096) == {} and cache.object_path(sha, "jpg") is None
+        leftovers = [p for p in (root / "v1").rglob("*") if p.is_file() and p.parent.name not in ("locks", "v1")]
+        assert leftovers == []
+
+
+def test_complete_objects_carry_the_stamp_and_are_rehashed_when_written_to(tmp_path: Path) -> None:
+    """A complete object written to after it was stored (its mtime is no longer the stamp) is re-hashed
+    before it is served: still right -> stamped again and served; wrong -> dropped, a miss."""
+    root = tmp_path / "cache"
+    good, sha = _obj(b"g", 300_000)
+    with DiskCache(root, 1 << 20) as cache:
+        path = cache.put_object_bytes(good, sha, "jpg")
+        assert path is not None and path.stat().st_mtime_ns == STAMP_NS
+        assert cache.has_object(sha, "jpg")
+
+        path.write_bytes(good)  # rewritten with the same bytes (e.g. copied back): served, re-stamped
+        assert path.stat().st_mtime_ns != STAMP_NS
+        fd = cache.open_object(sha, "jpg")
+        assert fd is not None
+        try:
+            assert os.pread(fd, len(good) + 1, 0) == good
+        finally:
+            os.close(fd)
+        assert path.stat().st_mtime_ns == STAMP_NS
+
+        with open(path, "r+b") as f:  # one byte changed in place
+            f.seek(123_456)
+            f.write(b"X")
+        with expect_logs(r"was modified on disk and no longer matches its hash; dropping it", count=1):
+            assert cache.open_object(sha, "jpg") is None
+        assert not path.exists() and cache.stats()["files"] == 0
+
+        assert cache.put_object_bytes(good, sha, "jpg") == path
+        with open(path, "ab") as f:  # appended to
+            f.write(b"more")
+        with expect_logs(r"no longer matches its hash", count=1):
+            assert cache.object_path(sha, "jpg") is None
+        assert not path.exists() and cache.stats()["files"] == 0
+
+        # An intact object whose stamp is right is served without reading it: one changed byte that
+        # keeps the stamp (only `cache verify` looks) is not noticed by open_object.
+        assert cache.put_object_bytes(good, sha, "jpg") == path
+        assert cache.object_path(sha, "jpg") == path
+
+
+def test_a_stamped_temp_file_of_a_live_process_is_not_cleaned(tmp_path: Path) -> None:
+    """Temp files carry the 2001 stamp before their rename: a cache opened meanwhile must not take them
+    for day-old leftovers."""
+    root = tmp_path / "cache"
+    with DiskCache(root, 1 << 20) as cache:
+        fd, tmp = cache.new_tmp()
+        os.write(fd, b"x")
+        os.utime(fd, ns=(STAMP_NS, STAMP_NS))
+        os.close(fd)
+        DiskCache(root, 1 << 20).close()
+        assert tmp.exists()
