@@ -15,13 +15,13 @@ tests/test_soak.py runs a reduced form in CI. What runs, all on loopback, in a s
 - each worker runs 8 reader threads (seeded); a read picks a random object and is, half the time, the
   whole file in 1 MiB reads, else one read of 4 KiB, 64 KiB or 300 KB at a random offset;
 - the fault phase, until each side has made `reads_per_side` reads and `min_fault_seconds` have
-  passed: every 0.4 s the proxy gets 25 ms
-  of base latency plus one fault (503 or 500 storm, body cut short, a flipped byte, latency past the
-  read deadline, refused connections, hang, or none), on every key or on 5 chosen objects (their
-  image and their block map), and the page cache is dropped (`/proc/sys/vm/drop_caches`, root);
-- the recovery phase: faults cleared; reads go on until each side has made `recovery_streak` correct
-  reads in a row (or `recovery_timeout` passes). Time to recover: from the clearing to the end of
-  the last read, started after it, that was not correct.
+  passed: every 0.4 s the proxy gets 25 ms of base latency plus one fault (503 or 500 storm, body
+  cut short, a flipped byte, latency past the read deadline, refused connections, hang, or none),
+  on every key or on 5 chosen objects (their image and their block map), and the page cache is
+  dropped (`/proc/sys/vm/drop_caches`, root);
+- the recovery phase: faults cleared; reads go on for at least `min_recovery_seconds` and until the
+  last `recovery_streak` reads of each side are correct (or `recovery_timeout` passes). Time to
+  recover: from the clearing to the end of the last read, started after it, that was not correct.
 
 Outcomes of a read: correct; failed cleanly (EIO from the mount, an s3fsimg error from the API);
 unclean failure (any other error); wrong (a byte differs from the source, or more bytes than the
@@ -80,6 +80,7 @@ class SoakConfig:
     mid: int = 8  # noise images of 150-950 KB: fetched whole, no block map
     large: int = 10  # noise images of 1.0-3.0 MB: block maps when over 1 MiB
     recovery_streak: int = 24
+    min_recovery_seconds: float = 10.0  # lingering bad data (a corrupt cached block) gets time to show
     recovery_timeout: float = 60.0
     fault_phase_timeout: float = 1800.0
     drop_caches: bool = True
@@ -532,20 +533,23 @@ def cycle(config: SoakConfig, proxy: Any, workers: dict[str, subprocess.Popen[st
         drop_page_cache()
     cleared = time.monotonic()
     log(f"faults stopped after {cleared - began:.0f}s and {len(switches)} switches; recovering")
-    recovered_at: dict[str, float | None] = {side: None for side in results}
-    while time.monotonic() - cleared < config.recovery_timeout and not timed_out:
+
+    def recovered(r: Results) -> bool:
+        after = [x for x in r.records if x["start"] >= cleared]
+        return len(after) >= config.recovery_streak and all(
+            x["status"] == "correct" for x in after[-config.recovery_streak:])
+
+    while not timed_out:
         time.sleep(0.2)
-        for side, r in results.items():
+        for r in results.values():
             r.poll()
-            after = [x for x in r.records if x["start"] >= cleared]
-            if recovered_at[side] is None and len(after) >= config.recovery_streak and all(
-                    x["status"] == "correct" for x in after[-config.recovery_streak:]):
-                recovered_at[side] = time.monotonic()
-        if all(v is not None for v in recovered_at.values()):
+        elapsed = time.monotonic() - cleared
+        if elapsed >= config.recovery_timeout or (
+                elapsed >= config.min_recovery_seconds and all(recovered(r) for r in results.values())):
             break
     return {"switches": [dataclasses.asdict(s) for s in switches], "fault_phase_began": began, "cleared": cleared,
             "fault_phase_timed_out": timed_out, "page_cache_dropped": dropped,
-            "recovered": {side: v is not None for side, v in recovered_at.items()},
+            "recovered": {side: recovered(r) for side, r in results.items()},
             "proxy_counts": proxy.counts()}
 
 
