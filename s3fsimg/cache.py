@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -71,12 +72,14 @@ import sqlite3
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s3fsimg.blockmap import BlockMap
 from s3fsimg.config import private_dirs
-from s3fsimg.errors import BackendError, CacheError
+from s3fsimg.errors import BackendError, CacheError, IntegrityError
 from s3fsimg.files import atomic_write, flock, locked
 from s3fsimg.ledger import Ledger
 
@@ -109,6 +112,37 @@ def _sha256_of(fd: int) -> str:
     while chunk := os.read(fd, 1 << 20):
         hasher.update(chunk)
     return hasher.hexdigest()
+
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and set(name) <= _HEX64
+
+
+@dataclass
+class VerifyReport:
+    """What `DiskCache.verify` checked (files it could read) and removed (files that failed)."""
+
+    objects: int = 0
+    blocks: int = 0
+    maps: int = 0
+    bad_objects: int = 0
+    bad_blocks: int = 0
+    bad_maps: int = 0
+
+    @property
+    def removed(self) -> int:
+        return self.bad_objects + self.bad_blocks + self.bad_maps
+
+    def summary(self, where: str) -> str:
+        """One line for `s3fsimg cache verify`."""
+        checked = f"checked {self.objects} complete objects, {self.blocks} blocks, {self.maps} block maps"
+        if not self.removed:
+            return f"cache {where}: {checked}; all intact"
+        return (f"cache {where}: {checked}; removed {self.removed} damaged: {self.bad_objects} objects, "
+                f"{self.bad_blocks} blocks, {self.bad_maps} block maps")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -208,17 +242,7 @@ class DiskCache:
         dropped = 0
         for name in names:
             sha = name.rsplit("/", 1)[-1].split(".", 1)[0]
-            try:
-                hasher = hashlib.sha256()
-                with open(self.base / name, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        hasher.update(chunk)
-                ok = hasher.hexdigest() == sha
-            except FileNotFoundError:
-                continue
-            except OSError:
-                ok = False
-            if not ok:
+            if self._verify_object(name, sha, lambda n: None) is False:
                 self._drop(name)
                 dropped += 1
         log.warning("cache: first use since a reboot: re-verified %d recent objects, dropped %d", len(names), dropped)
@@ -521,6 +545,136 @@ class DiskCache:
                 yield
         except TimeoutError:
             raise BackendError(f"timed out waiting for another process fetching {sha256}") from None
+
+    # -- verification of everything (`s3fsimg cache verify`) ------------------------------------------
+    def verify(self, on_bytes: Callable[[int], object] | None = None) -> VerifyReport:
+        """Re-hash every complete object against its name, check every block against its CRC (and,
+        when its object's block map is cached with the same block size, against the map's SHA-256 and
+        the block's length) and every block map against its CRC and format; remove (files and ledger
+        rows) what fails. Safe while others use the cache: a file evicted meanwhile is skipped. Files
+        whose names are not of the layout are left alone. `on_bytes(n)` is told of each file read."""
+        report = VerifyReport()
+        tell = on_bytes or (lambda n: None)
+        for name in self._files_under("maps", depth=2):
+            sha = name.rsplit("/", 1)[1]
+            if not _is_sha256(sha):
+                continue
+            try:
+                stored = (self.base / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                stored = b""
+            tell(len(stored))
+            report.maps += 1
+            if self._parse_map(sha, stored) is None:
+                log.info("cache verify: %s is not a valid block map; removing it", name)
+                self._drop(name)
+                report.bad_maps += 1
+        for name in self._files_under("objects", depth=3):
+            sha, _, ext = name.rsplit("/", 1)[1].partition(".")
+            if not (_is_sha256(sha) and ext):
+                continue
+            intact = self._verify_object(name, sha, tell)
+            if intact is None:
+                continue
+            report.objects += 1
+            if not intact:
+                log.info("cache verify: %s does not hash to its name; removing it", name)
+                self._drop(name)
+                report.bad_objects += 1
+        blockmap: BlockMap | None = None
+        for name in self._files_under("blocks", depth=4):
+            _, bs_text, _, sha, index_text = name.split("/")
+            if not (bs_text.isdigit() and index_text.isdigit() and _is_sha256(sha)):
+                continue
+            try:
+                raw = (self.base / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                raw = b""
+            tell(len(raw))
+            report.blocks += 1
+            if blockmap is None or blockmap.sha256 != sha:
+                blockmap = self._cached_map(sha)
+            if not self._block_intact(raw, int(bs_text), int(index_text), blockmap):
+                log.info("cache verify: block %s is damaged; removing it", name)
+                self._drop(name)
+                report.bad_blocks += 1
+        return report
+
+    def _files_under(self, tree: str, depth: int) -> Iterator[str]:
+        """Names (relative to v1/) of the files `depth` levels below `tree`, in sorted order."""
+        def walk(rel: str, level: int) -> Iterator[str]:
+            try:
+                entries = sorted(os.scandir(f"{self._base_str}/{rel}"), key=lambda e: e.name)
+            except OSError:  # gone meanwhile (an object's blocks dropped), or not a directory
+                return
+            for entry in entries:
+                if level == depth:
+                    if entry.is_file(follow_symlinks=False):
+                        yield f"{rel}/{entry.name}"
+                elif entry.is_dir(follow_symlinks=False):
+                    yield from walk(f"{rel}/{entry.name}", level + 1)
+
+        yield from walk(tree, 1)
+
+    def _verify_object(self, name: str, sha256: str, tell: Callable[[int], object]) -> bool | None:
+        """Whether a complete object hashes to its name (re-stamped when it does and its stamp was
+        lost); None when it is gone."""
+        try:
+            fd = os.open(f"{self._base_str}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            tell(st.st_size)
+            intact = _sha256_of(fd) == sha256
+            if intact and st.st_mtime_ns != STAMP_NS:
+                with contextlib.suppress(OSError):
+                    os.utime(fd, ns=(time.time_ns(), STAMP_NS))
+            return intact
+        except OSError:  # an I/O error reading it: not servable
+            return False
+        finally:
+            os.close(fd)
+
+    def _parse_map(self, sha256: str, stored: bytes) -> BlockMap | None:
+        """The block map of a maps/ file, or None when its CRC, format or object do not hold."""
+        raw = self._unwrap_map(stored)
+        if raw is None:
+            return None
+        try:
+            size = json.loads(raw).get("bytes")
+            if type(size) is not int:
+                return None
+            return BlockMap.from_bytes(raw, sha256=sha256, size=size)
+        except (ValueError, AttributeError, RecursionError, IntegrityError):
+            return None
+
+    def _cached_map(self, sha256: str) -> BlockMap | None:
+        try:
+            stored = (self.base / self.blockmap_name(sha256)).read_bytes()
+        except OSError:
+            return None
+        return self._parse_map(sha256, stored)
+
+    @staticmethod
+    def _block_intact(raw: bytes, block_size: int, index: int, blockmap: BlockMap | None) -> bool:
+        """A block file's header and CRC hold, its length fits the block size, and, with a map of this
+        block size, it is exactly block `index` of the map."""
+        if len(raw) < _HEADER.size:
+            return False
+        magic, crc = _HEADER.unpack_from(raw)
+        data = memoryview(raw)[_HEADER.size:]
+        if magic != _BLOCK_MAGIC or zlib.crc32(data) != crc or not 0 < len(data) <= block_size:
+            return False
+        if blockmap is not None and blockmap.block_size == block_size:
+            return blockmap.check_block(index, data)
+        return True
 
     # -- commands ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -327,6 +327,26 @@ def cache_clear_cmd(**flags: Any) -> None:
     click.echo(f"cleared {config.cache_dir}: freed {format_size(freed)}")
 
 
+@cache_group.command("verify")
+@CACHE_OPTIONS
+@LOG_OPTIONS
+@_run
+def cache_verify_cmd(**flags: Any) -> None:
+    """Re-hash every complete object and block in the cache, remove what is bad; exit 1 when it found damage."""
+    from s3fsimg.cache import DiskCache
+    from s3fsimg.progress import progress_bar
+
+    config = _config(flags)
+    with (
+        DiskCache(config.cache_dir, config.cache_max_bytes) as cache,
+        progress_bar(total=cache.stats()["bytes"], unit="B", desc="verify", unit_scale=True) as bar,
+    ):
+        report = cache.verify(on_bytes=bar.update)
+    click.echo(report.summary(str(config.cache_dir)))
+    if report.removed:
+        sys.exit(1)
+
+
 # -- filesystem -----------------------------------------------------------------------------------
 
 
