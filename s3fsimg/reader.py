@@ -688,6 +688,9 @@ class ObjectReader:
             except NotFound:
                 log.debug("%s has no block map: its blocks are served unverified", entry.sha256)
                 return None
+            except BackendError as exc:  # the read that fails is the image's: name it first
+                raise BackendError(f"{self.store.where(entry.path)}: its block map ({key}) could not be "
+                                   f"fetched: {exc}") from None
         try:
             blockmap = BlockMap.from_bytes(raw, sha256=entry.sha256, size=entry.bytes)
         except IntegrityError:
