@@ -15,13 +15,13 @@ setup:
 
 # lint, type-check and run the whole test suite (real FUSE mounts, local S3 server)
 test *args: setup
-    {{py}} -m ruff check s3fsimg tests bench scripts lab
+    {{py}} -m ruff check s3fsimg tests bench scripts lab examples
     {{py}} -m mypy
     {{py}} -m pytest -q "$@"
 
 # ruff and mypy only
 lint: setup
-    {{py}} -m ruff check s3fsimg tests bench scripts lab
+    {{py}} -m ruff check s3fsimg tests bench scripts lab examples
     {{py}} -m mypy
 
 # the whole story on a local S3 server: sample data, upload, validate, fetch, mount, list
