@@ -23,6 +23,8 @@ On-disk layout (every directory it creates 0700, every file 0600, so other users
                                        blockmap.py), so a map damaged on disk is fetched again, not used
         suspect/<sha256>               empty marker: the object failed verification in some process; every
                                        process then serves it only after a whole-object verification
+        failures/<sha256>              one byte per failed verification of the object, ever (its size is
+                                       the count: `failure_count`); not removed when it is verified again
         served/<bs>/<sha256>           for objects without a block map: 8 bytes per block index (b"SV\0\0" +
                                        big-endian CRC-32) of the bytes served before verification, so
                                        the read that completes the object can tell whether the kernel
@@ -90,7 +92,7 @@ _BLOCK_MAGIC = b"S3B1"
 _HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
 _DIRTY_WINDOW = 300.0  # seconds of writes the kernel may not have flushed at a crash (with margin)
 _COUNTED_TREES = ("objects", "blocks", "maps")  # the trees of files the ledger counts
-_MARKER_TREES = ("suspect", "served")  # small per-object records, not counted, emptied with the rest
+_MARKER_TREES = ("suspect", "served", "failures")  # small per-object records, not counted, emptied with the rest
 #: The mtime of every complete object (2001-09-09T01:46:40Z): any write changes it. Whole (even)
 #: seconds, so file systems with coarse timestamps (1 s on ext4 with small inodes, 2 s on FAT) keep
 #: it exactly; with nanoseconds they would round it and every open would re-hash the object.
@@ -475,8 +477,25 @@ class DiskCache:
 
     # -- integrity records shared by every process (see the layout) -----------------------------------
     def mark_suspect(self, sha256: str) -> None:
+        """The object failed verification: mark it suspect and count the failure (`failure_count`)."""
         with contextlib.suppress(OSError):
             os.close(os.open(f"{self._base_str}/suspect/{sha256}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        with contextlib.suppress(OSError):
+            fd = os.open(f"{self._base_str}/failures/{sha256}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.write(fd, b"x")
+            finally:
+                os.close(fd)
+
+    def failure_count(self, sha256: str) -> int:
+        """How many times the object failed verification in any process (kept when it is no longer
+        suspect): a reader that opened it before the last failure may have been served bytes that
+        failed (see reader.py). One stat."""
+        try:
+            return os.stat(f"{self._base_str}/failures/{sha256}").st_size
+        except OSError:
+            return 0
 
     def is_suspect(self, sha256: str) -> bool:
         return os.path.exists(f"{self._base_str}/suspect/{sha256}")

@@ -190,6 +190,7 @@ class _RawObjectFile(io.RawIOBase):
         super().__init__()
         self._reader = reader
         self._entry = entry
+        self._opened_at = reader.failure_generation(entry)  # see ObjectReader._check_generation
         self._size = entry.bytes
         self._pos = 0
         self.name = entry.path
@@ -202,14 +203,15 @@ class _RawObjectFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._reader.read(self._entry, self._pos, len(view))
+        data = self._reader.read(self._entry, self._pos, len(view), opened_at=self._opened_at)
         n = len(data)
         view[:n] = data
         self._pos += n
         return n
 
     def readall(self) -> bytes:
-        data = self._reader.read(self._entry, self._pos, max(0, self._size - self._pos))
+        data = self._reader.read(self._entry, self._pos, max(0, self._size - self._pos),
+                                 opened_at=self._opened_at)
         self._pos += len(data)
         return data
 

@@ -50,6 +50,9 @@ BLOCK_SIZE = 128 * 1024  # st_blksize: the unit `cp` and friends read in
 #: Manifest entries of recently opened objects kept in memory: re-opening a file (an epoch of a data loader, a
 #: page-cached re-read) makes no index query. ~0.5 KB each.
 OPEN_ENTRY_CACHE = 8192
+#: A file handle is the inode, with the object's failure generation at open above bit 48 (see `open`).
+_HANDLE_SHIFT = 48
+_INODE_MASK = (1 << _HANDLE_SHIFT) - 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -59,11 +62,14 @@ class Reader(Protocol):
     counters: Counters
     on_untrusted_pages: Callable[[str], None] | None
 
-    def read(self, entry: Entry, offset: int, size: int) -> bytes: ...
+    def read(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes: ...
 
-    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytes | bytearray | None: ...
+    def read_nowait(self, entry: Entry, offset: int, size: int, *,
+                    opened_at: int | None = None) -> bytes | bytearray | None: ...
 
     def may_keep_pages(self, entry: Entry) -> bool: ...
+
+    def failure_generation(self, entry: Entry) -> int: ...
 
 
 def errno_for(exc: BaseException) -> int:
@@ -236,39 +242,46 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        """The file handle is the inode: no per-open state, so any process serving the mount answers any
-        read. The kernel keeps an object's pages across opens (`keep_cache`) only when every byte served
-        of it was verified (`ObjectReader.may_keep_pages`); otherwise an open drops them."""
+        """The file handle is the inode, plus the object's failure generation at open in its high bits
+        (`ObjectReader.failure_generation`: an open file whose object failed verification since fails its
+        reads): no state is kept per open, so any process serving the mount answers any read. The kernel
+        keeps an object's pages across opens (`keep_cache`) only when every byte served of it was
+        verified (`ObjectReader.may_keep_pages`); otherwise an open drops them."""
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EISDIR if self._attr(inode).is_dir else errno.EROFS)
         if self.index.is_object(inode):
             # The hot path (every open of an image): one entry lookup, usually from memory.
             try:
-                keep = self.reader.may_keep_pages(self._object_entry(inode))
+                entry = self._object_entry(inode)
+                keep = self.reader.may_keep_pages(entry)
+                fh = inode | (self.reader.failure_generation(entry) << _HANDLE_SHIFT)
             except Exception as exc:
                 raise self._fail(exc, f"inode {inode}") from None
         elif self._attr(inode).is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         elif inode == MANIFEST_INODE and self.manifest_path is not None:
-            keep = True
+            keep, fh = True, inode
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         self.reader.counters.add("opens")
-        return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a bytearray filled by preadv goes out
     # without a copy into bytes; its stub says bytes.
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
-        """`fh` is the inode (see `open`). Exactly the bytes asked (up to the end of the file), or EIO."""
-        if fh == MANIFEST_INODE:
+        """`fh` is the inode and a generation (see `open`). Exactly the bytes asked (up to the end of the
+        file), or EIO."""
+        inode, opened_at = fh & _INODE_MASK, fh >> _HANDLE_SHIFT
+        if inode == MANIFEST_INODE:
             return await self._read_manifest(off, size)
-        where = f"inode {fh}"
+        where = f"inode {inode}"
         try:
-            entry = self._object_entry(fh)
+            entry = self._object_entry(inode)
             where = entry.path
-            data = self.reader.read_nowait(entry, off, size)  # page-cached complete object: no thread
+            data = self.reader.read_nowait(entry, off, size, opened_at=opened_at)  # page-cached: no thread
             if data is None:
-                data = await trio.to_thread.run_sync(self.reader.read, entry, off, size, limiter=self.limiter)
+                data = await trio.to_thread.run_sync(
+                    functools.partial(self.reader.read, entry, off, size, opened_at=opened_at), limiter=self.limiter)
         except Exception as exc:
             if not isinstance(exc, S3fsimgError):  # the reader counts its own
                 self.reader.counters.add("read_errors")

@@ -65,6 +65,7 @@ BULK_READ = 512 << 10  # a first read at least this large asks for the whole obj
 MAX_READAHEAD = 8 << 20  # read-ahead window limit per object
 MAX_BLOCKMAP = 4 << 20  # largest block map fetched (a 32 GiB object at 256 KiB blocks)
 OBJECT_STATES = 1024  # objects whose per-process state (descriptor, read-ahead, map) is kept
+GENERATION_MASK = 0x7FFF  # `failure_generation` bits (a file handle holds them above the inode)
 _GAVE_UP_HOLD = 2.0  # seconds after S3 failed an object in which a read of it is not retried (see `_get`)
 
 #: Every counter of a reader, and of a mount (fs.py adds `opens`). `s3fsimg stats` shows them.
@@ -217,16 +218,34 @@ class ObjectReader:
             st = self._states.get(entry.sha256)
             return st is not None and st.blockmap_known and st.blockmap is not None
 
+    def failure_generation(self, entry: Entry) -> int:
+        """What an open file remembers of the object (`read(..., opened_at=)`): how many times it failed
+        verification in any process, for objects that can serve bytes before verification (larger than
+        `whole_object_max`); 0 for the others. At most 15 bits (it travels in the file handle)."""
+        if entry.bytes <= self.whole_object_max:
+            return 0
+        return self.cache.failure_count(entry.sha256) & GENERATION_MASK
+
+    def _check_generation(self, entry: Entry, opened_at: int | None) -> None:
+        """An open file that may have been served bytes of an object that has failed verification since
+        never reads on as if nothing happened: its reads fail (a new open reads the object whole and
+        verified). This is what a file remembers per open, in its handle: no state is kept per open."""
+        if opened_at is not None and entry.bytes > self.whole_object_max \
+                and self.failure_generation(entry) != opened_at:
+            raise IntegrityError(f"{self.store.where(entry.path)}: failed verification while being read")
+
     # -- the read ------------------------------------------------------------------------------------
-    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+    def read(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes:
         """Bytes [offset, offset+size) of the object: exactly `min(size, entry.bytes - offset)` of them
-        (b"" at or after its end), or an exception. See the module docstring."""
+        (b"" at or after its end), or an exception. `opened_at`: the `failure_generation` when the file
+        was opened (see `_check_generation`). See the module docstring."""
         size = min(size, entry.bytes - offset)
         if size <= 0 or offset < 0:
             return b""
         st = self._state(entry.sha256)
         hit = False
         try:
+            self._check_generation(entry, opened_at)
             fd = self._acquire_fd(entry, st)
             if fd is None and st.memory is None and (entry.bytes <= self.whole_object_max
                                                      or self.cache.is_suspect(entry.sha256)):
@@ -251,7 +270,7 @@ class ObjectReader:
         self.counters.add_many({"reads": 1, "bytes_read": size, "cache_hits": int(hit)})
         return data
 
-    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytearray | None:
+    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytearray | None:
         """The bytes, if they can be had without blocking: the object is complete in the cache, this
         process has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
         Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
@@ -259,7 +278,8 @@ class ObjectReader:
         if not _HAVE_NOWAIT:
             return None
         size = min(size, entry.bytes - offset)
-        if size <= 0 or offset < 0:
+        if size <= 0 or offset < 0 or (opened_at is not None and entry.bytes > self.whole_object_max
+                                       and self.failure_generation(entry) != opened_at):
             return None
         with self._lock:
             st = self._states.get(entry.sha256)

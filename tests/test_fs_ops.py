@@ -42,7 +42,7 @@ class FakeReader:
         self.counters = Counters(COUNTER_NAMES)
         self.on_untrusted_pages: Callable[[str], None] | None = None
 
-    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+    def read(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes:
         self.threads.add(threading.get_ident())
         if self.gate is not None:
             self.gate.wait(10)
@@ -53,11 +53,14 @@ class FakeReader:
         self.counters.add_many({"reads": 1, "bytes_read": len(data), "cache_hits": 1})
         return data
 
-    def read_nowait(self, entry: Entry, offset: int, size: int) -> bytes | None:
+    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes | None:
         return None  # always the worker-thread path, which the tests observe
 
     def may_keep_pages(self, entry: Entry) -> bool:
         return True
+
+    def failure_generation(self, entry: Entry) -> int:
+        return 0
 
 
 SHAS = [f"{i:02x}" * 32 for i in range(1, 4)]
