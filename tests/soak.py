@@ -25,7 +25,9 @@ tests/test_soak.py runs a reduced form in CI. What runs, all on loopback, in a s
 
 Outcomes of a read: correct; failed cleanly (EIO from the mount, an s3fsimg error from the API);
 unclean failure (any other error); wrong (a byte differs from the source, or more bytes than the
-object has); short (fewer bytes than asked before end of file, those returned right). A hang is
+object has); short (fewer bytes than asked before end of file, those returned right: through the
+mount, a partial read is read(2) again for the rest after a short count, as every correct program
+does, so "short" is a 0-byte read before the end, the symptom of a shrunk inode). A hang is
 one call (a read(2), a pread, an `open`, a `read` of the API) that outlived the read deadline by more
 than `hang_margin`, or never returned. The report lists every wrong or short read with its first
 differing offset, the object's size, whether the object has a block map and the fault in force; the
@@ -189,8 +191,20 @@ class Reader:
             with call("open"):
                 fd = os.open(self.mountpoint / target.rel, os.O_RDONLY)
             try:
-                with call(f"pread {size} at {offset}"):
-                    return os.pread(fd, size, offset)
+                # As every correct program does: a pread that returns fewer bytes than asked is not the
+                # end of the file (read(2) returns what it has when a later page fails: the next pread
+                # then fails with EIO). Only a 0-byte pread before the end is an end of file, and a
+                # READ answered short makes the kernel shrink the file, so that is what "short" catches.
+                parts: list[bytes] = []
+                done = 0
+                while done < size:
+                    with call(f"pread {size - done} at {offset + done}"):
+                        chunk = os.pread(fd, size - done, offset + done)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    done += len(chunk)
+                return b"".join(parts)
             finally:
                 os.close(fd)
         with call("open"):
