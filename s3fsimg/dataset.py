@@ -134,10 +134,19 @@ class Dataset:
         return self.reader.fetch_path(entry)
 
     def fetch_many(self, idents: Iterable[str], *, threads: int = 8, progress: bool = False) -> list[Path]:
-        """Paths of many objects, fetched in parallel; every id is resolved before anything is fetched."""
+        """Paths of many objects, fetched in parallel; every id is resolved before anything is fetched.
+        UsageError, before anything is fetched, when the distinct objects do not fit in the cache bound
+        together: the first paths would be evicted by the fetches after them (use `prefetch`, which
+        stops at the bound, or fetch fewer at once)."""
         from s3fsimg.progress import progress_bar
+        from s3fsimg.units import format_size
 
         entries = [self.resolve(i) for i in idents]
+        total = sum({e.sha256: e.bytes for e in entries}.values())
+        if total > self.config.cache_max_bytes:
+            raise UsageError(f"the {len(entries)} images asked ({format_size(total)}) do not fit in the cache "
+                             f"bound ({format_size(self.config.cache_max_bytes)}, DATASET_CACHE_MAX_BYTES): "
+                             "their paths could not all stay; fetch fewer at once or raise the bound")
         reader = self.reader
         paths: list[Path] = []
         pool = ThreadPoolExecutor(max_workers=threads)

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 _TOUCH_INTERVAL = 5.0  # seconds between ledger updates of one file's last use
 _TOUCH_BATCH = 256  # pending uses that make touch() write them at once
 _TOUCH_DELAY = 1.0  # seconds after which touch() writes the pending uses
+#: Files used this recently are evicted only when nothing older is left (a path just handed out by
+#: `fetch` is usually opened at once). Above _TOUCH_INTERVAL + _TOUCH_DELAY, so a file in use stays in it.
+EVICT_GRACE = 10.0
 _WAL_SWITCH_TIMEOUT = 30.0  # seconds to retry switching a new ledger to WAL while others open it
 _RESET_WAIT = 5.0  # seconds a reset waits for other processes that are opening the cache too
 
@@ -308,21 +311,26 @@ class Ledger:
             self._flush_touches_locked(db)
         freed = 0
         skip: set[str] = set()
-        while freed < need:
-            rows = db.execute("SELECT name, bytes FROM files ORDER BY atime LIMIT ?", (64 + len(skip),)).fetchall()
-            rows = [r for r in rows if r[0] not in skip]
-            if not rows:
-                break
-            for name, size in rows:
-                if name in self._pinned:
-                    skip.add(name)
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.base / name)
-                db.execute("DELETE FROM files WHERE name=?", (name,))
-                freed += size
-                if freed >= need:
+        # Files used in the last EVICT_GRACE seconds go last: a path `fetch` just handed out (in this or
+        # another process) stays while anything older can go. When nothing older is left, they go too,
+        # so the bound holds.
+        for before in (time.time() - EVICT_GRACE, float("inf")):
+            while freed < need:
+                rows = db.execute("SELECT name, bytes FROM files WHERE atime < ? ORDER BY atime LIMIT ?",
+                                  (before, 64 + len(skip))).fetchall()
+                rows = [r for r in rows if r[0] not in skip]
+                if not rows:
                     break
+                for name, size in rows:
+                    if name in self._pinned:
+                        skip.add(name)
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.base / name)
+                    db.execute("DELETE FROM files WHERE name=?", (name,))
+                    freed += size
+                    if freed >= need:
+                        break
         if freed:
             log.debug("cache: evicted %d bytes", freed)
         return freed
