@@ -15,13 +15,13 @@ from s3fsimg_lab.images import make_dataset
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, fewer rounds (CI, < 2 minutes)")
-    parser.add_argument("--only", action="append", choices=["write", "cache", "mount", "scale"],
+    parser.add_argument("--only", action="append", choices=["write", "cache", "mount", "warm", "scale"],
                         help="run only these suites (repeatable)")
     parser.add_argument("--entries", type=int, default=None, help="entries of the scale manifest (1,000,000)")
     parser.add_argument("--out", type=Path, default=None, help="report path (default docs/benchmarks.md, or "
                         "bench/out/benchmarks-quick.md with --quick)")
     args = parser.parse_args(argv)
-    suites = args.only or ["write", "cache", "mount", "scale"]
+    suites = args.only or ["write", "cache", "mount", "warm", "scale"]
     default_out = ROOT / "bench" / "out" / "benchmarks-quick.md" if args.quick else ROOT / "docs" / "benchmarks.md"
     out = args.out or default_out
     report = Report(quick=args.quick)
