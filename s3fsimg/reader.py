@@ -209,10 +209,17 @@ class ObjectReader:
         return self.cache.has_object(entry.sha256, entry.ext)
 
     def may_keep_pages(self, entry: Entry) -> bool:
-        """Whether the kernel may keep the object's pages across opens: only when every byte served of it
-        was verified before it was served (a small object, a complete one, one whose block map this
-        process holds). Otherwise pages of an earlier, unverified read could be read back unchecked."""
-        if entry.bytes <= self.whole_object_max or self.is_complete(entry):
+        """Whether the kernel may keep the object's pages across opens: only when every byte it may hold
+        was verified: a small object (served only whole-verified); a large one that never failed
+        verification in any process (else the kernel may hold pages served before the failure, perhaps
+        by another process, which cannot drop them: `on_untrusted_pages` reaches only this one's) and is
+        complete (every block served unverified was checked against it: `_complete`) or whose block map
+        this process holds. Otherwise an open drops the pages, so none is read back unchecked."""
+        if entry.bytes <= self.whole_object_max:
+            return True
+        if self.failure_generation(entry):
+            return False
+        if self.is_complete(entry):
             return True
         with self._lock:
             st = self._states.get(entry.sha256)

@@ -185,3 +185,33 @@ def test_with_block_maps_partial_reads_are_verified_and_cheap(big_set: dict[str,
         assert 0 < map_bytes <= image_bytes / 100, counts  # each map fetched once, beside the first block
         stats = _stats(mnt_dir)
         assert stats["unverified_bytes"] == 0 and stats["read_errors"] == 0, stats
+
+
+@fuse_test
+@pytest.mark.fuse
+def test_pages_served_before_a_failure_found_by_another_process_are_never_read_back(
+        big_set: dict[str, Entry], s3_env: dict[str, str], proxy: Any, moto_client: Any, mnt_dir: Path,
+        tmp_path: Path) -> None:
+    """An object without a block map: the mount serves a block with a flipped byte (unverified, so its
+    pages stay in the kernel); another process (a Dataset on the same cache) completes the object, finds
+    the block was served with other bytes, fails, and then verifies it whole. The mount's next open of
+    the (now complete, verified) object must not keep those pages: the other process cannot drop them."""
+    big = max(big_set.values(), key=lambda e: e.bytes)
+    _delete_blockmap(s3_env, moto_client, big.sha256)
+    source = (tmp_path / "ws" / str(big.source_path)).read_bytes()
+    env = {**os.environ, "DATASET_READ_DEADLINE": "5s"}
+    with MountProcess(mnt_dir, env=env):
+        path = mnt_dir / big.path
+        proxy.add_fault("flip_byte", 40_000, match=big.path, methods=["GET"], count=1)
+        with open(path, "rb") as f:
+            f.seek(300_000)
+            assert f.read(65536) != source[300_000:365_536]  # served unverified, the fault in it
+        proxy.clear_faults()
+        from s3fsimg.dataset import Dataset
+        from s3fsimg.errors import IntegrityError
+
+        with Dataset.from_env() as ds:
+            with pytest.raises(IntegrityError), ds.open(big.sha256) as f:
+                f.read()  # completes it from fresh blocks: block 1 was served with other bytes
+            assert _digest(ds.fetch(big.sha256).read_bytes()) == big.sha256  # whole, verified, complete
+        assert path.read_bytes() == source
