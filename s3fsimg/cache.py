@@ -219,7 +219,7 @@ class DiskCache:
                     os.unlink(entry.path)
 
     def _check_boot(self) -> None:
-        """Complete objects are renamed into place without fsync (it cost a fifth of a cold fetch): a
+        """Complete objects are renamed into place without fsync (it slowed every cold fetch markedly): a
         process kill cannot tear them, but a power loss or kernel crash can leave the last seconds'
         writes empty or partial. So the first process to use the cache after a reboot re-hashes every
         object the ledger shows used in the last `_DIRTY_WINDOW` seconds before it was last used, and

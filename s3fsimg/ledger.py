@@ -268,8 +268,8 @@ class Ledger:
     # -- uses ----------------------------------------------------------------------------------------
     def touch(self, name: str) -> None:
         """Mark a file as used (LRU): at most once per file per `_TOUCH_INTERVAL`, and written to the
-        ledger in batches (a transaction each costs ~20 us, a third of a warm read of an image; batched,
-        ~2 us): by the use that finds `_TOUCH_BATCH` uses pending or `_TOUCH_DELAY` passed since the
+        ledger in batches (one transaction per use was a large part of a warm read of an image; see
+        docs/misses.md): by the use that finds `_TOUCH_BATCH` uses pending or `_TOUCH_DELAY` passed since the
         last write, before this process evicts, and on close. There is no timer: an idle process's
         last uses wait for one of those (other processes meanwhile see its earlier use times)."""
         now = time.time()

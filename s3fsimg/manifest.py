@@ -255,8 +255,8 @@ def fast_fields(raw: bytes) -> Fields | None:
     Agrees with `parse_line` (tests/test_manifest_fast.py): whenever it returns a tuple, `parse_line`
     accepts the line and gives an Entry with exactly these fields. It returns None for every line it
     does not vouch for (other field order, spaces, escapes, floats, any invalid line), which the
-    caller then gives to `parse_line` for the answer or the error. About 3x faster than
-    json.loads + parse_entry, because it builds neither a dict nor an Entry.
+    caller then gives to `parse_line` for the answer or the error. Faster than json.loads +
+    parse_entry, because it builds neither a dict nor an Entry (the scale figures are in docs/benchmarks.md).
     """
     m = _FAST_LINE(raw)
     if m is None:
@@ -365,7 +365,7 @@ def line_problems(obj: Any) -> list[EntryProblem]:
     """Every independent problem of one decoded line, in field order: the schema's errors (the first of
     each field: a logical_id '' "should be non-empty", and is not also said not to match the pattern),
     then the rules a schema cannot state, checked only on fields the schema passed. Empty when
-    `parse_entry` accepts `obj`. For the error path only: ~60 us a line, ~17x `parse_entry`."""
+    `parse_entry` accepts `obj`. For the error path only: far slower than `parse_entry`."""
     found: dict[Any, EntryProblem] = {}  # one per field (or per missing field, for the line as a whole)
     for err in schema_validator().iter_errors(obj):
         field = str(err.absolute_path[0]) if err.absolute_path else None

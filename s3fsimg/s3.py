@@ -11,8 +11,7 @@ A store is not shared across `fork()`: `Dataset` builds a new one in each proces
 
 Clients come from botocore's session directly, as boto3's do (the same credential chain, config and
 wire behaviour): boto3's layer adds only resources and s3transfer, which nothing here uses, and
-importing it costs ~10 ms more of every command's and DataLoader worker's start-up (83 vs 95 ms
-for botocore's session and client alone vs with boto3, measured).
+importing it adds to every command's and DataLoader worker's start-up (measured in docs/misses.md).
 """
 
 from __future__ import annotations
@@ -129,7 +128,7 @@ _shared_loader: Any = None  # botocore's model loader, shared by every session o
 
 def _new_session() -> botocore.session.Session:
     """A new botocore session (credentials and settings resolved afresh) that shares one model
-    loader per process: the S3 service model is parsed once (~40 ms saved on every later client, in
+    loader per process: the S3 service model is parsed once (not again for every later client, in
     forked DataLoader workers too). The loader holds only parsed JSON; a race here at worst parses twice."""
     global _shared_loader
     core = botocore.session.get_session()
