@@ -171,6 +171,52 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 on); None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its live descendants (found by their parent pid in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and every live descendant, plus what their reaped
+    children used (cutime + cstime): a before/after difference counts the forked workers of a mount."""
+    ticks = 0
+    for p in process_tree(pid):
+        fields = _stat_fields(p)
+        if fields is not None:
+            ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / _CLK_TCK
+
+
+def process_tree_hwm_mb(pid: int) -> float:
+    """The sum of the peak RSS (VmHWM) of a process and its live descendants, in MB: an upper bound of
+    their peak together (pages shared after a fork count once per process). NaN if `pid` is gone."""
+    values = [vm_hwm_mb(p) for p in process_tree(pid)]
+    return sum(v for v in values if v == v) if values and values[0] == values[0] else float("nan")
+
+
 def is_mounted(mp: Path) -> bool:
     return mount_info(mp) is not None
 

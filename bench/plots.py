@@ -92,3 +92,53 @@ def mount_plots(sec: Section, args: Any, results: dict[int, dict[str, Result]], 
         ax.legend(fontsize="small")
     _save(fig, sec, args, "mount-throughput-by-pass.png", "Throughput by pass (8 readers)")
     plt.close(fig)
+
+
+def workers_plot(sec: Section, args: Any, per: dict[str, Result], workers: dict[int, Result], total: int,
+                 latency: int) -> None:
+    """s3fsimg at each `--workers N` beside rclone, s3fs and the baselines: throughput and the mount's CPU
+    seconds per GB, for the cold read, pass 2 and pass 3 (8 readers)."""
+    from bench.mount import PASS_READERS, cpu_per_gb
+
+    plt = _pyplot()
+    workloads = [("cold", f"cold {PASS_READERS}r"), ("pass 2 (disk cache)", "pass 2"),
+                 ("pass 3 (page cache)", "pass 3")]
+    shades = ["#aec7e8", "#1f77b4", "#0b3d66", "#08223a"]
+    series: list[tuple[str, str, Result]] = [(f"s3fsimg --workers {w}", shades[min(i, len(shades) - 1)], res)
+                                             for i, (w, res) in enumerate(sorted(workers.items()))]
+    series += [(name, COLORS[name], per[name]) for name in ("rclone", "s3fs") if name in per and not per[name].error]
+    local = per["s3fsimg"].local if "s3fsimg" in per else None
+
+    def seconds(res: Result, key: str) -> float | None:
+        return res.cold.get(PASS_READERS) if key.startswith("cold") else res.pass2 if key == "pass 2" else res.pass3
+
+    fig, (ax_mb, ax_cpu) = plt.subplots(1, 2, figsize=(13.5, 4.4))
+    bars = [(label, color, [_mb(total, seconds(res, key)) for _, key in workloads],
+             [cpu_per_gb(res, key) or 0.0 for _, key in workloads]) for label, color, res in series]
+    baselines = []
+    if "boto3" in per:
+        baselines.append((f"boto3, {PASS_READERS} threads", COLORS["boto3"],
+                          [_mb(total, per["boto3"].cold.get(PASS_READERS)), 0.0, 0.0]))
+    if local is not None:
+        baselines.append(("local copy", COLORS["local copy"], [0.0, _mb(total, local.pass2), _mb(total, local.pass3)]))
+    n_bars = len(bars) + len(baselines)
+    width = 0.85 / n_bars
+    for i, (label, color, mbs, _) in enumerate([*bars, *((lb, c, v, None) for lb, c, v in baselines)]):
+        ax_mb.bar([p + i * width for p in range(len(workloads))], mbs, width, label=label, color=color)
+    for i, (label, color, _, cpus) in enumerate(bars):
+        ax_cpu.bar([p + i * width for p in range(len(workloads))], cpus, width, label=label, color=color)
+    for ax in (ax_mb, ax_cpu):
+        ax.set_xticks([p + width * (n_bars - 1) / 2 for p in range(len(workloads))], [w for w, _ in workloads])
+        ax.grid(axis="y", alpha=0.3)
+    ax_mb.set_ylabel("MB/s")
+    ax_mb.set_title(f"{PASS_READERS} readers, {latency} ms: throughput")
+    ax_mb.legend(fontsize="small")
+    ax_cpu.set_ylabel("CPU seconds per GB served (mount process)")
+    ax_cpu.set_title("the mount's CPU per GB")
+    ax_cpu.legend(fontsize="small")
+    _save(fig, sec, args, "mount-workers.png", "s3fsimg by --workers beside rclone and s3fs (throughput, CPU per GB)")
+    plt.close(fig)
+
+
+def _mb(total: int, seconds: float | None) -> float:
+    return total / 1e6 / seconds if seconds else 0.0
