@@ -25,6 +25,8 @@ On-disk layout (every directory it creates 0700, every file 0600, so other users
                                        process then serves it only after a whole-object verification
         failures/<sha256>              one byte per failed verification of the object, ever (its size is
                                        the count: `failure_count`); not removed when it is verified again
+        gaveup/<sha256>                empty marker: S3 failed a read of the object (after its retries) at
+                                       the file's mtime; removed by the next read that succeeds
         served/<bs>/<sha256>           for objects without a block map: 8 bytes per block index (b"SV\0\0" +
                                        big-endian CRC-32) of the bytes served before verification, so
                                        the read that completes the object can tell whether the kernel
@@ -92,7 +94,8 @@ _BLOCK_MAGIC = b"S3B1"
 _HEADER = struct.Struct(">4sI")  # magic, crc32 of the data
 _DIRTY_WINDOW = 300.0  # seconds of writes the kernel may not have flushed at a crash (with margin)
 _COUNTED_TREES = ("objects", "blocks", "maps")  # the trees of files the ledger counts
-_MARKER_TREES = ("suspect", "served", "failures")  # small per-object records, not counted, emptied with the rest
+#: Small per-object records, not counted, emptied with the rest
+_MARKER_TREES = ("suspect", "served", "failures", "gaveup")
 #: The mtime of every complete object (2001-09-09T01:46:40Z): any write changes it. Whole (even)
 #: seconds, so file systems with coarse timestamps (1 s on ext4 with small inodes, 2 s on FAT) keep
 #: it exactly; with nanoseconds they would round it and every open would re-hash the object.
@@ -487,6 +490,24 @@ class DiskCache:
                 os.write(fd, b"x")
             finally:
                 os.close(fd)
+
+    def mark_gave_up(self, sha256: str) -> None:
+        """S3 failed a read of the object just now (see reader.py `_get`): every process sees when."""
+        path = f"{self._base_str}/gaveup/{sha256}"
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.utime(path)
+
+    def gave_up_at(self, sha256: str) -> float | None:
+        """When S3 last failed a read of the object (unix time), or None. One stat."""
+        try:
+            return os.stat(f"{self._base_str}/gaveup/{sha256}").st_mtime
+        except OSError:
+            return None
+
+    def clear_gave_up(self, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self._base_str}/gaveup/{sha256}")
 
     def failure_count(self, sha256: str) -> int:
         """How many times the object failed verification in any process (kept when it is no longer

@@ -53,6 +53,10 @@ OPEN_ENTRY_CACHE = 8192
 #: A file handle is the inode, with the object's failure generation at open above bit 48 (see `open`).
 _HANDLE_SHIFT = 48
 _INODE_MASK = (1 << _HANDLE_SHIFT) - 1
+#: The reply buffer of reads answered on the trio thread (`read_nowait`): one, reused, since pyfuse3
+#: sends the reply from it synchronously right after `read` returns, before any other task runs (its
+#: fuse_read_async). Sized for the largest READ the kernel sends (1 MiB with libfuse's max_pages).
+REPLY_BUFFER = 1 << 20
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -64,8 +68,8 @@ class Reader(Protocol):
 
     def read(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes: ...
 
-    def read_nowait(self, entry: Entry, offset: int, size: int, *,
-                    opened_at: int | None = None) -> bytes | bytearray | None: ...
+    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None,
+                    into: bytearray | None = None) -> bytes | bytearray | memoryview | None: ...
 
     def may_keep_pages(self, entry: Entry) -> bool: ...
 
@@ -102,6 +106,7 @@ class Operations(pyfuse3.Operations):
         self.mtime_ns = index.mtime_ns
         self.started = time.time()
         self._logged: set[tuple[str, str]] = set()
+        self._reply_buffer = bytearray(REPLY_BUFFER)
         self.after_fork(index, reader)
 
     def after_fork(self, index: Index, reader: Reader) -> None:
@@ -268,7 +273,7 @@ class Operations(pyfuse3.Operations):
 
     # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a bytearray filled by preadv goes out
     # without a copy into bytes; its stub says bytes.
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         """`fh` is the inode and a generation (see `open`). Exactly the bytes asked (up to the end of the
         file), or EIO."""
         inode, opened_at = fh & _INODE_MASK, fh >> _HANDLE_SHIFT
@@ -278,7 +283,8 @@ class Operations(pyfuse3.Operations):
         try:
             entry = self._object_entry(inode)
             where = entry.path
-            data = self.reader.read_nowait(entry, off, size, opened_at=opened_at)  # page-cached: no thread
+            # Page-cached: no thread, and no new buffer (see REPLY_BUFFER).
+            data = self.reader.read_nowait(entry, off, size, opened_at=opened_at, into=self._reply_buffer)
             if data is None:
                 data = await trio.to_thread.run_sync(
                     functools.partial(self.reader.read, entry, off, size, opened_at=opened_at), limiter=self.limiter)

@@ -124,7 +124,6 @@ class ObjectReader:
         self._states: OrderedDict[str, _ObjectState] = OrderedDict()
         self._inflight: dict[tuple[str, int], Future[bytes]] = {}
         self._whole: dict[str, Future[Path]] = {}
-        self._gave_up: dict[str, float] = {}  # sha256 -> when S3 last failed it: see `_get`
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3fsimg-fetch")
         # Block maps load on their own threads: a read-ahead run on `_pool` waits for its object's map,
         # which must never queue behind such runs.
@@ -277,16 +276,20 @@ class ObjectReader:
         self.counters.add_many({"reads": 1, "bytes_read": size, "cache_hits": int(hit)})
         return data
 
-    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytearray | None:
+    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None,
+                    into: bytearray | None = None) -> bytearray | memoryview | None:
         """The bytes, if they can be had without blocking: the object is complete in the cache, this
         process has it open already, and the kernel has the range in its page cache (`RWF_NOWAIT`).
         Else None, and the caller uses `read` from a worker thread. Lets the filesystem answer warm
-        reads on its event loop without a thread hand-off."""
+        reads on its event loop without a thread hand-off. The bytes are read into `into` when it is
+        large enough (a view of it is returned: the caller reuses one buffer), else into a new one."""
         if not _HAVE_NOWAIT:
             return None
+        if opened_at is not None and entry.bytes > self.whole_object_max \
+                and self.failure_generation(entry) != opened_at:
+            return None  # `read` raises
         size = min(size, entry.bytes - offset)
-        if size <= 0 or offset < 0 or (opened_at is not None and entry.bytes > self.whole_object_max
-                                       and self.failure_generation(entry) != opened_at):
+        if size <= 0 or offset < 0:
             return None
         with self._lock:
             st = self._states.get(entry.sha256)
@@ -294,7 +297,7 @@ class ObjectReader:
                 return None
             st.fd_users += 1
             fd = st.fd
-        buf = bytearray(size)
+        buf = memoryview(into)[:size] if into is not None and len(into) >= size else bytearray(size)
         try:
             n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
         except OSError:
@@ -400,23 +403,16 @@ class ObjectReader:
         made, without retries: the kernel re-sends a failed READ (one page, after a failed
         read-ahead), which must not wait a whole deadline again before read(2) returns EIO, and a
         read right after S3 came back still succeeds."""
-        now = time.monotonic()
-        with self._lock:
-            failed_at = self._gave_up.get(entry.sha256)
-        if failed_at is not None and now - failed_at < _GAVE_UP_HOLD:
-            deadline = min(deadline, now)
+        failed_at = self.cache.gave_up_at(entry.sha256)  # in any process: a worker may take the re-sent READ
+        if failed_at is not None and 0 <= time.time() - failed_at < _GAVE_UP_HOLD:
+            deadline = min(deadline, time.monotonic())
         try:
             result = self.store.get_range(key, start, end, deadline=deadline)
         except BackendError:
-            now = time.monotonic()
-            with self._lock:
-                if len(self._gave_up) >= 256:
-                    self._gave_up = {k: t for k, t in self._gave_up.items() if now - t < _GAVE_UP_HOLD}
-                self._gave_up[entry.sha256] = now
+            self.cache.mark_gave_up(entry.sha256)
             raise
         if failed_at is not None:
-            with self._lock:
-                self._gave_up.pop(entry.sha256, None)
+            self.cache.clear_gave_up(entry.sha256)
         self.counters.add_many({"s3_requests": 1, "s3_bytes": len(result.data)})
         if key != entry.path:
             return result

@@ -53,7 +53,8 @@ class FakeReader:
         self.counters.add_many({"reads": 1, "bytes_read": len(data), "cache_hits": 1})
         return data
 
-    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None) -> bytes | None:
+    def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None,
+                    into: bytearray | None = None) -> bytes | None:
         return None  # always the worker-thread path, which the tests observe
 
     def may_keep_pages(self, entry: Entry) -> bool:
