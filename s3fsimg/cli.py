@@ -355,6 +355,8 @@ def cache_verify_cmd(**flags: Any) -> None:
 @click.option("--foreground", "-f", is_flag=True, help="stay attached (default: return once mounted)")
 @click.option("--allow-other", is_flag=True, help="let other users in (see README: security)")
 @click.option("--allow-non-empty", is_flag=True, help="mount over a directory that has files in it (hides them)")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="processes serving the mount (default: one per core, at most 8)  [DATASET_MOUNT_WORKERS]")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="log here (default: stderr with --foreground, else CACHE_DIR/mount.log)")
 @S3_OPTIONS
@@ -366,8 +368,10 @@ def mount_cmd(mountpoint: Path, foreground: bool, allow_other: bool, allow_non_e
     from s3fsimg.mount import mount
 
     config = _config({**flags, "log_file": log_file})
-    mount(config, mountpoint, foreground=foreground, allow_other=allow_other, log_file=log_file,
-          allow_non_empty=allow_non_empty)
+    status = mount(config, mountpoint, foreground=foreground, allow_other=allow_other, log_file=log_file,
+                   allow_non_empty=allow_non_empty)
+    if status:
+        sys.exit(status)  # the mount ended because a worker died (its log says which)
 
 
 @main.command("umount")

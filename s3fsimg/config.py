@@ -40,6 +40,7 @@ VARIABLES: dict[str, str] = {
     # Tuning knobs beyond the contract (defaults chosen by bench/bench_cache.py).
     "DATASET_BLOCK_SIZE": "block_size",
     "DATASET_WHOLE_OBJECT_MAX": "whole_object_max",
+    "DATASET_MOUNT_WORKERS": "workers",
 }
 
 #: What botocore accepts as a bucket name (S3-compatible stores differ on the finer rules; an ARN too)
@@ -67,6 +68,7 @@ class Config:
     log_level: str = "warning"
     block_size: int = 256 << 10
     whole_object_max: int = 1 << 20
+    workers: int | None = None  # processes serving a mount; None: one per core, at most 8 (see workers.py)
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
@@ -130,6 +132,11 @@ class Config:
         if block_size < 4096 or block_size & (block_size - 1):
             raise ConfigError(f"{src('block_size')}: must be a power of two of at least 4K")
         logical_map = get("logical_map")
+        workers = get("workers")
+        if workers is not None:
+            if not str(workers).strip().isdigit() or int(workers) < 1:
+                raise ConfigError(f"{src('workers')}: {quoted(str(workers))} is not a number of processes (1 or more)")
+            workers = int(workers)
         return cls(
             bucket=bucket,
             endpoint_url=endpoint,
@@ -144,6 +151,7 @@ class Config:
             log_level=level,
             block_size=block_size,
             whole_object_max=parse_size(get("whole_object_max"), src("whole_object_max")),
+            workers=workers,
         )
 
     def with_(self, **changes: Any) -> Config:

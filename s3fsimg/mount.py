@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
 import signal
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,23 +41,32 @@ import trio
 
 from s3fsimg import errors
 from s3fsimg.config import Config, private_dirs
+from s3fsimg.counters import Counters
 from s3fsimg.errors import MountError, S3fsimgError
+from s3fsimg.workers import (
+    Turn,
+    Workers,
+    abort_connection,
+    connection_dir,
+    default_workers,
+    hold_stop_signals,
+    reap_all,
+    serve_until_init,
+    start_workers,
+    supervise,
+    wait_ready,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
 FSNAME = "s3fsimg"
-#: Largest read the kernel sends us. Not passed as `max_read=`: libfuse 3.14 refuses a max_read that
-#: pyfuse3's init() does not also request ("init() and fuse_session_new() requested different maximum
-#: read size"), and pyfuse3 offers no way to set it. The kernel default (128 KiB per request, with
-#: its own readahead) applies; the reader's read-ahead works on top of that.
-MAX_READ = 128 * 1024
 #: Kernel readahead of the mount (the FUSE bdi's read_ahead_kb), set when we may (root): the default
 #: 128 KiB makes the kernel read a file in 128 KiB requests, each a round trip through Python; at 1 MiB
 #: sequential reads come in requests up to 1 MiB (libfuse's max_pages), 2-3x fewer round trips, while a
 #: 64 KiB header read still asks for 256 KiB at most (one cache block). Larger windows double what
 #: header reads fetch (measured by bench/mount.py: 4 MiB gave 8x the bytes asked).
 READ_AHEAD_KB = 1024
-STATS_XATTR = "user.s3fsimg.stats"
 
 
 def set_readahead(mountpoint: Path, kib: int = READ_AHEAD_KB) -> bool:
@@ -199,11 +208,12 @@ def check_fuse() -> None:
 # -- mount -------------------------------------------------------------------------------------
 
 def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bool, log_file: Path | None,
-          reader_factory: Callable[[Config], Any] | None = None, allow_non_empty: bool = False) -> None:
+          allow_non_empty: bool = False) -> int:
     """Mount the bucket's dataset read-only at `mountpoint` (see the module docstring).
 
-    Returns once the mount answers (daemonised), or when it is unmounted (`foreground`). Raises
-    MountError / ManifestError / ConfigError with one clear line when it cannot mount.
+    Returns 0 once the mount answers (daemonised), or the mount's exit status when it ends (`foreground`:
+    0 when unmounted or signalled, 1 when a worker died). Raises MountError / ManifestError /
+    ConfigError with one clear line when it cannot mount.
     """
     from s3fsimg.log import setup_logging
 
@@ -212,14 +222,13 @@ def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bo
     check_fuse()
     if foreground:
         setup_logging(config.log_level, log_file)
-        _serve(config, mp, allow_other=allow_other, reader_factory=reader_factory, ready_fd=None)
-        return
+        return _serve(config, mp, allow_other=allow_other, ready=_Ready(None))
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:  # the caller: wait for "ready" or an error from the daemon
         os.close(write_end)
         _wait_ready(read_end, pid, mp)
-        return
+        return 0
     # First child: detach (new session), fork again so the daemon is not a session leader.
     code = 1
     try:
@@ -228,10 +237,26 @@ def mount(config: Config, mountpoint: Path, *, foreground: bool, allow_other: bo
         if os.fork():
             code = 0
         else:
-            code = _daemon(config, mp, allow_other=allow_other, log_file=log_file, reader_factory=reader_factory,
-                           ready_fd=write_end)
+            code = _daemon(config, mp, allow_other=allow_other, log_file=log_file, ready=_Ready(write_end))
     finally:
         os._exit(code)
+
+
+class _Ready:
+    """The daemon's pipe to the waiting `s3fsimg mount`: one message ("ready", or an error's class and
+    text), then closed; later messages go nowhere (the descriptor's number may be reused by then)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def report(self, message: str) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, message.encode())
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _wait_ready(read_end: int, pid: int, mp: Path) -> None:
@@ -253,8 +278,7 @@ def _wait_ready(read_end: int, pid: int, mp: Path) -> None:
     raise cls(text)
 
 
-def _daemon(config: Config, mp: Path, *, allow_other: bool, log_file: Path | None,
-            reader_factory: Callable[[Config], Any] | None, ready_fd: int) -> int:
+def _daemon(config: Config, mp: Path, *, allow_other: bool, log_file: Path | None, ready: _Ready) -> int:
     from s3fsimg.log import setup_logging
 
     try:
@@ -267,42 +291,32 @@ def _daemon(config: Config, mp: Path, *, allow_other: bool, log_file: Path | Non
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _serve(config, mp, allow_other=allow_other, reader_factory=reader_factory, ready_fd=ready_fd)
-        return 0
+        return _serve(config, mp, allow_other=allow_other, ready=ready)
     except S3fsimgError as exc:
         log.error("%s", exc)
-        _report(ready_fd, f"{type(exc).__name__}\n{exc}")
+        ready.report(f"{type(exc).__name__}\n{exc}")
         return 1
     except BaseException as exc:
         log.exception("mount failed")
-        _report(ready_fd, f"MountError\n{mp}: the mount failed: {exc.__class__.__name__}: {exc}")
+        ready.report(f"MountError\n{mp}: the mount failed: {exc.__class__.__name__}: {exc}")
         return 1
 
 
-def _report(fd: int | None, message: str) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, message.encode())
-        os.close(fd)
-
-
-def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Callable[[Config], Any] | None,
-           ready_fd: int | None) -> None:
-    """Build everything, mount, serve until unmounted or signalled, then close everything."""
+def _serve(config: Config, mp: Path, *, allow_other: bool, ready: _Ready) -> int:
+    """Build everything, mount, serve until unmounted or signalled, then close everything. Returns the
+    exit status (1: a worker died and the mount was aborted)."""
     from s3fsimg.fs import Operations
     from s3fsimg.index_load import load_index
+    from s3fsimg.reader import COUNTER_NAMES, ObjectReader
     from s3fsimg.s3 import S3Store
 
+    n = config.workers or default_workers()
     with contextlib.ExitStack() as stack:
         store = S3Store(config, default_attempts=1)  # the manifest's store: see dataset._State.__init__
         index, manifest_path = load_index(config, store)
         stack.callback(index.close)
-        if reader_factory is None:
-            from s3fsimg.reader import ObjectReader
-
-            reader_factory = ObjectReader
-        reader = reader_factory(config)
+        counters = Counters(COUNTER_NAMES, slots=n)
+        reader: Any = ObjectReader(config, counters=counters) if n == 1 else _FirstReader(config, counters)
         stack.callback(reader.close)
         ops = Operations(index, reader, manifest_path=manifest_path)
         stack.callback(ops.close)
@@ -311,17 +325,21 @@ def _serve(config: Config, mp: Path, *, allow_other: bool, reader_factory: Calla
         except RuntimeError as exc:
             raise MountError(f"{mp}: the kernel refused the mount ({exc}); see the log for libfuse's reason") \
                 from None
-        log.info("mounted %s at %s (%d entries)", config.where(config.manifest_key), mp, index.entry_count())
+        log.info("mounted %s at %s (%d entries, %d %s)", config.where(config.manifest_key), mp,
+                 index.entry_count(), n, "process" if n == 1 else "worker processes")
+        if n > 1:
+            return _serve_with_workers(config, mp, ops, index.path, counters, n, ready)
         clean = False
         try:
-            trio.run(_main, ready_fd, mp)
+            trio.run(_main, ready, mp)
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
             log.info("unmounted %s", mp)
+        return 0
 
 
-async def _main(ready_fd: int | None, mp: Path) -> None:
+async def _main(ready: _Ready, mp: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
 
@@ -337,7 +355,7 @@ async def _main(ready_fd: int | None, mp: Path) -> None:
             await trio.to_thread.run_sync(os.stat, mp)
         set_readahead(mp)
         await trio.to_thread.run_sync(set_background_limit, mp)
-        _report(ready_fd, "ready")
+        ready.report("ready")
 
 
 async def _on_signals() -> None:
@@ -346,6 +364,101 @@ async def _on_signals() -> None:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+# -- several processes (see s3fsimg/workers.py) -------------------------------------------------
+
+class _FirstReader:
+    """The reader of a multi-process mount's parent, which answers the requests that come before the
+    workers exist (INIT, the first stat, rarely more): an `ObjectReader` made on first use, so that
+    usually no S3 client, cache connection or thread exists in the parent when it forks."""
+
+    def __init__(self, config: Config, counters: Counters) -> None:
+        self.counters = counters
+        self.on_untrusted_pages: Callable[[str], None] | None = None
+        self._config = config
+        self._reader: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # read, read_nowait, may_keep_pages...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._reader is None:
+            from s3fsimg.reader import ObjectReader
+
+            self._reader = ObjectReader(self._config, counters=self.counters)
+            self._reader.on_untrusted_pages = self.on_untrusted_pages
+        return getattr(self._reader, name)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _serve_with_workers(config: Config, mp: Path, ops: Any, index_path: Path, counters: Counters, n: int,
+                        ready: _Ready) -> int:
+    """Serve until INIT is answered, fork `n` workers, supervise them, unmount once (workers.py)."""
+    from s3fsimg.index import Index
+    from s3fsimg.reader import ObjectReader
+
+    conn: Path | None = None
+
+    def after_init() -> None:
+        nonlocal conn
+        set_readahead(mp)
+        set_background_limit(mp)  # mounts fusectl when it may: the abort of a dead worker needs it
+        with contextlib.suppress(OSError):
+            conn = connection_dir(mp)
+
+    started_r, started_w = os.pipe2(os.O_CLOEXEC)
+    turn = Turn()
+
+    def run_worker(slot: int) -> int:
+        os.close(started_r)
+        counters.use_slot(slot)
+        with contextlib.ExitStack() as own:
+            index = Index.open(index_path)
+            own.callback(index.close)
+            reader = ObjectReader(config, counters=counters)
+            own.callback(reader.close)
+            ops.after_fork(index, reader)
+            turn.install(ops)
+
+            def started() -> None:
+                os.write(started_w, b"r")
+                os.close(started_w)
+
+            trio.run(worker_main, turn, started)
+        return 0
+
+    clean = False
+    workers: Workers | None = None
+    hold_stop_signals()
+    try:
+        if not trio.run(serve_until_init, mp, after_init):
+            clean = True  # signalled before the workers existed
+            return 0
+        workers = start_workers(n, run_worker, close_fds=(ready.fd,) if ready.fd is not None else ())
+        os.close(started_w)
+        why = wait_ready(started_r, workers, timeout=60.0)
+        if why is not None:
+            abort_connection(conn)
+            raise MountError(f"{mp}: {why}")
+        log.info("serving with %d workers (pids %s)", n, " ".join(str(w.pid) for w in workers.items))
+        ready.report("ready")
+        failure = trio.run(functools.partial(supervise, workers, conn, stop_timeout=config.read_deadline + 5))
+        clean = True
+        return 0 if failure is None else 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(started_r)
+        with contextlib.suppress(OSError):
+            os.close(started_w)
+        if workers is not None:
+            reap_all(workers)
+        pyfuse3.close(unmount=clean)
+        if clean and mount_info(mp) is not None:  # libfuse does not unmount an aborted connection
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+        log.info("unmounted %s", mp)
 
 
 # -- other commands ----------------------------------------------------------------------------
@@ -366,6 +479,8 @@ def umount(mountpoint: Path) -> None:
 
 def read_stats(mountpoint: Path) -> dict[str, Any]:
     """The live counters of the mount at `mountpoint` (the root's `user.s3fsimg.stats` xattr)."""
+    from s3fsimg.fs import STATS_XATTR
+
     mp = os.path.abspath(mountpoint)
     try:
         raw = os.getxattr(mp, STATS_XATTR)
@@ -375,17 +490,3 @@ def read_stats(mountpoint: Path) -> dict[str, Any]:
         raise MountError(f"{mp}: cannot read the mount's stats: {exc.strerror}") from None
     data: dict[str, Any] = json.loads(raw)
     return data
-
-
-def main_runner(argv: list[str]) -> None:  # pragma: no cover - a test helper until cli.py has `mount`
-    """`python -m s3fsimg.mount MOUNTPOINT [--allow-other]`: foreground mount with the environment's config."""
-    config = Config.load()
-    mount(config, Path(argv[0]), foreground=True, allow_other="--allow-other" in argv, log_file=None)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    try:
-        main_runner(sys.argv[1:])
-    except S3fsimgError as exc:
-        print(f"s3fsimg: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)

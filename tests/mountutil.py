@@ -77,12 +77,19 @@ class MountProcess:
     """`python -m s3fsimg mount MP --foreground` in a subprocess; `stop()` always leaves nothing behind."""
 
     def __init__(self, mountpoint: Path, *, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
-                 log_file: Path | None = None, preexec: Sequence[str] = ()) -> None:
+                 log_file: Path | None = None, preexec: Sequence[str] = (), workers: int | None = None) -> None:
+        """`workers`: `--workers N`; when None, the mount's default, or DATASET_MOUNT_WORKERS of this
+        process's environment even when `env` lacks it (so `DATASET_MOUNT_WORKERS=4 pytest ...` runs every
+        mount test with 4 workers)."""
         self.mountpoint = mountpoint
         self.log_file = log_file or mountpoint.parent / f"{mountpoint.name}.log"
         self.cmd = [*preexec, sys.executable, "-m", "s3fsimg", "mount", str(mountpoint), "--foreground",
                     "--log-file", str(self.log_file), *args]
+        if workers is not None:
+            self.cmd += ["--workers", str(workers)]
         self.env = dict(os.environ if env is None else env)
+        if "DATASET_MOUNT_WORKERS" in os.environ:
+            self.env.setdefault("DATASET_MOUNT_WORKERS", os.environ["DATASET_MOUNT_WORKERS"])
         self.env.setdefault("DATASET_LOG_LEVEL", "info")
         self.proc: subprocess.Popen[bytes] | None = None
 

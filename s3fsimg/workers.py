@@ -1,0 +1,417 @@
+"""One FUSE session served by several processes: the INIT phase, the workers, the turn, the supervisor.
+
+`mount.py` uses this when `--workers N` (N > 1). The parent mounts (`pyfuse3.init`) and serves alone
+until the kernel's INIT has been answered (`serve_until_init`): libfuse keeps "init done" in each
+process's memory, and a process forked before INIT answers every request with EIO. It then stops its
+loop between two requests and forks N workers (`start_workers`); each builds its own index connection,
+cache, S3 client and threads (SQLite connections, sockets and thread pools do not survive fork) and
+runs `trio.run(pyfuse3.main)` on the inherited /dev/fuse descriptor. The kernel hands each request to
+the one process that reads it.
+
+The turn. pyfuse3 reads /dev/fuse holding the GIL, in blocking mode, after trio said the descriptor is
+readable. With several processes polling one descriptor, every request wakes them all and all but one
+then block in read() until the next request, holding the GIL: that process's threads stop and its trio
+loop with them, so a read it was answering from a thread waits for some other request to arrive. With
+one reader and nothing else going on, that is forever (measured: a 3-process toy hung on the first
+cold `cat`). So only the holder of the *turn* (one byte in a pipe shared by the workers) waits for the
+descriptor; it reads one request and passes the turn on as soon as the request's handler starts, or
+before it waits again when libfuse answered the request itself. A read of /dev/fuse then never blocks
+(except after a request vanished in between: the next request releases it).
+
+Supervision (`supervise`, in the parent): SIGTERM/SIGINT/SIGHUP are forwarded to the workers, which
+finish the requests they hold and stop; a worker that exits with 0 stopped because the mount went away
+or it was told to. A worker that dies otherwise may have taken requests that nobody will ever answer:
+the parent aborts the connection (`/sys/fs/fuse/connections/<minor>/abort`; without fusectl, closing
+every descriptor does it), so every reader gets ENOTCONN at once, stops the other workers, and the
+mount ends with a non-zero status after one log line naming the worker. Workers die with the parent
+(PR_SET_PDEATHSIG): a SIGKILL of the parent leaves none behind, and the connection ends when the last
+descriptor closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import select
+import signal
+import stat
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+log = logging.getLogger(__name__)
+
+#: Upper bound of the default number of workers (`DATASET_MOUNT_WORKERS`).
+MAX_DEFAULT_WORKERS = 8
+#: The requests pyfuse3 dispatches to `Operations`: each starts by passing the turn on.
+HANDLERS = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
+            "symlink", "rename", "link", "open", "read", "write", "flush", "release", "fsync", "opendir",
+            "readdir", "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr", "listxattr",
+            "removexattr", "access", "create")
+_FUSECTL = Path("/sys/fs/fuse/connections")
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Stop signals that came while no trio loop was listening (see `hold_stop_signals`).
+_pending_stop: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """From now on a stop signal that comes between two trio loops (the parent forking and starting its
+    workers, a worker building its reader) is remembered and acted on by the next loop, instead of
+    killing the process with the mount still attached."""
+    del _pending_stop[:]
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _remember_stop)
+
+
+def _remember_stop(signum: int, frame: object) -> None:
+    _pending_stop.append(signum)
+
+
+async def _stop_signals(on_signal: Callable[[int], None]) -> None:
+    """Call `on_signal` for a remembered stop signal, then for each one that comes."""
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        if _pending_stop:
+            on_signal(_pending_stop[0])
+        async for signum in signals:
+            on_signal(signum)
+
+
+def default_workers() -> int:
+    """The number of cores, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+
+
+def session_fd() -> int:
+    """This process's /dev/fuse descriptor (the one `pyfuse3.init` opened; pyfuse3 does not expose it)."""
+    fuse = os.stat("/dev/fuse").st_rdev
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.fstat(int(name))
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == fuse:
+                return int(name)
+    raise RuntimeError("no /dev/fuse descriptor in this process")
+
+
+# -- the parent's INIT phase ------------------------------------------------------------------
+
+async def serve_until_init(mp: Path, after_init: Callable[[], None]) -> bool:
+    """Serve requests alone until the kernel's INIT has been answered and `after_init` (in a thread)
+    returned, then stop pyfuse3's loop between two requests. False when a stop signal came first."""
+    fd = session_fd()
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def fuse() -> None:
+            # One task: a request is answered before the next is read, so the loop can only end
+            # between two requests (a request taken and left unanswered would hang its caller).
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            nursery.cancel_scope.cancel()
+
+        def on_signal(signum: int) -> None:
+            nonlocal stopped
+            if not stopped:
+                log.info("signal %d before the workers started: unmounting", signum)
+                stopped = True
+                pyfuse3.terminate()
+
+        nursery.start_soon(fuse)
+        nursery.start_soon(_stop_signals, on_signal)
+        # A stat of the root returns once INIT is answered (the loop above serves both).
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.stat, mp)
+        await trio.to_thread.run_sync(after_init)
+        # notify_closing wakes the task only while it waits for the descriptor, i.e. between requests;
+        # if it is answering one, try again shortly.
+        while True:
+            trio.lowlevel.notify_closing(fd)
+            await trio.sleep(0.005)
+    return not stopped
+
+
+# -- the turn ---------------------------------------------------------------------------------
+
+class Turn:
+    """The right to read the next request from /dev/fuse (see the module docstring): one byte in a pipe
+    made before fork, taken by one task of one worker at a time. Use `install` in a worker."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.write(self._w, b"t")
+        self._owned = False  # this process took the byte
+        self._granted = False  # ... and pyfuse3 is reading (or has read) a request with it
+        self._exiting = False
+        self._lock: trio.Lock | None = None
+
+    def pass_on(self) -> None:
+        """Give the turn to the next reader if this process used it for a request. A grant never outlives
+        the trio step that read the request, so a grant seen later is one whose request ended the loop."""
+        if self._granted:
+            self._granted = False
+            self._give()
+
+    def _give(self) -> None:
+        if self._owned:
+            self._owned = False
+            os.write(self._w, b"t")
+
+    def stop(self) -> None:
+        """Stop waiting for the turn (the worker was told to stop); call from the trio thread."""
+        self._exiting = True
+        trio.lowlevel.notify_closing(self._r)
+
+    async def _take(self) -> None:
+        self.pass_on()
+        while True:
+            await trio.lowlevel.wait_readable(self._r)
+            try:
+                os.read(self._r, 1)
+            except BlockingIOError:  # another worker took it
+                continue
+            self._owned = True
+            return
+
+    async def wait_fuse_readable(self, wait: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
+        """pyfuse3's `_wait_fuse_readable` (passed as `wait`), behind the turn."""
+        if self._exiting:
+            return False
+        if self._lock is None:
+            self._lock = trio.Lock()
+        async with self._lock:  # one task of this process waits for the turn (trio: one waiter per fd)
+            if self._exiting:
+                return False
+            try:
+                await self._take()
+            except trio.ClosedResourceError:
+                self._exiting = True
+                return False
+            try:
+                ready = await wait()
+            except BaseException:
+                self._give()
+                raise
+            if not ready:  # the session ended (unmounted, or stopped)
+                self._exiting = True
+                self._give()
+                return False
+            self._granted = True
+            return True
+
+    def install(self, ops: Any) -> None:
+        """Route pyfuse3's waits through the turn and make every handler of `ops` pass it on first
+        (instance attributes: the class stays as it is)."""
+        wait = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]
+
+        async def wait_fuse_readable() -> bool:
+            return await self.wait_fuse_readable(wait)
+
+        pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
+        for name in HANDLERS:
+            method = getattr(ops, name, None)
+            if method is not None:
+                setattr(ops, name, self._passing_on(method))
+
+    def _passing_on(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+        pass_on = self.pass_on
+
+        async def handler(*args: Any) -> Any:
+            pass_on()
+            return await method(*args)
+
+        return handler
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+@dataclass
+class Worker:
+    slot: int
+    pid: int
+    pidfd: int
+    status: int | None = None  # exit code (negative: killed by that signal) once reaped
+
+
+@dataclass
+class Workers:
+    """The parent's view of its workers."""
+
+    items: list[Worker] = field(default_factory=list)
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.items if w.status is None]
+
+    def signal(self, signum: int) -> None:
+        for w in self.live():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signum)
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def start_workers(n: int, run_worker: Callable[[int], int], close_fds: tuple[int, ...] = ()) -> Workers:
+    """Fork `n` workers; worker `slot` runs `run_worker(slot)` and exits with its result (never returns
+    into the caller's stack). Each closes `close_fds` first (e.g. the daemon's ready pipe)."""
+    parent = os.getpid()
+    workers = Workers()
+    for slot in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _die_with_parent(parent)
+                for fd in close_fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                hold_stop_signals()
+                code = run_worker(slot)
+            except BaseException:
+                log.exception("worker %d failed", slot)
+            finally:
+                with contextlib.suppress(Exception):
+                    logging.shutdown()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        workers.items.append(Worker(slot, pid, os.pidfd_open(pid)))
+    return workers
+
+
+async def worker_main(turn: Turn, ready: Callable[[], None]) -> None:
+    """A worker's trio main: pyfuse3's loop behind the turn until the session ends or a stop signal."""
+    async with trio.open_nursery() as nursery:
+
+        stopping = False
+
+        def on_signal(signum: int) -> None:
+            nonlocal stopping
+            if not stopping:
+                log.debug("worker %d: signal %d: stopping", os.getpid(), signum)
+                stopping = True
+                turn.stop()
+                pyfuse3.terminate()
+
+        nursery.start_soon(_stop_signals, on_signal)
+        ready()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def connection_dir(mp: Path) -> Path:
+    """The fusectl directory of the mount at `mp` (stat it while the mount answers)."""
+    return _FUSECTL / str(os.minor(os.stat(mp).st_dev))
+
+
+def abort_connection(conn: Path | None) -> bool:
+    """Abort the FUSE connection: every request waiting, and every later one, fails at once (ENOTCONN).
+    False when fusectl is not there (closing every descriptor then ends the connection)."""
+    if conn is None:
+        return False
+    try:
+        (conn / "abort").write_text("1")
+    except OSError as exc:
+        log.debug("cannot abort %s: %s", conn, exc)
+        return False
+    return True
+
+
+def _describe(w: Worker) -> str:
+    assert w.status is not None
+    if w.status < 0:
+        try:
+            name = signal.Signals(-w.status).name
+        except ValueError:
+            name = f"signal {-w.status}"
+        return f"worker {w.slot} (pid {w.pid}) was killed by {name}"
+    return f"worker {w.slot} (pid {w.pid}) exited with status {w.status}"
+
+
+async def supervise(workers: Workers, conn: Path | None, *, stop_timeout: float) -> str | None:
+    """Wait for every worker. None when they all stopped cleanly; else why the mount was aborted."""
+    failure: str | None = None
+    stopping = False
+
+    async with trio.open_nursery() as nursery:
+
+        def stop_all(reason: str) -> None:
+            nonlocal stopping
+            if stopping:
+                return
+            stopping = True
+            workers.signal(signal.SIGTERM)
+
+            async def kill_stragglers() -> None:
+                await trio.sleep(stop_timeout)
+                if workers.live():
+                    log.warning("workers still running %.0fs after %s: killing them", stop_timeout, reason)
+                    workers.signal(signal.SIGKILL)
+
+            nursery.start_soon(kill_stragglers)
+
+        async def watch(w: Worker) -> None:
+            nonlocal failure
+            await trio.lowlevel.wait_readable(w.pidfd)
+            _, status = os.waitpid(w.pid, 0)
+            os.close(w.pidfd)
+            w.status = os.waitstatus_to_exitcode(status)
+            if w.status != 0 and failure is None and not stopping:
+                failure = _describe(w)
+                aborted = abort_connection(conn)
+                log.error("%s: %s", failure, "the mount was aborted" if aborted else "ending the mount")
+                stop_all("a worker died")
+            elif w.status != 0:
+                log.debug("%s", _describe(w))
+            if not workers.live():
+                nursery.cancel_scope.cancel()
+
+        def on_signal(signum: int) -> None:
+            if not stopping:
+                log.info("signal %d: stopping the workers and unmounting", signum)
+            stop_all(f"signal {signum}")
+
+        for w in workers.items:
+            nursery.start_soon(watch, w)
+        nursery.start_soon(_stop_signals, on_signal)
+    return failure
+
+
+def reap_all(workers: Workers) -> None:
+    """Kill and reap whatever workers remain (the parent's way out after an error of its own)."""
+    workers.signal(signal.SIGKILL)
+    for w in workers.live():
+        with contextlib.suppress(ChildProcessError):
+            _, status = os.waitpid(w.pid, 0)
+            w.status = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(OSError):
+            os.close(w.pidfd)
+
+
+def wait_ready(read_fd: int, workers: Workers, timeout: float) -> str | None:
+    """Wait until every worker wrote its ready byte to `read_fd`; None, or why not."""
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < len(workers.items):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"the workers did not start within {timeout:.0f}s"
+        readable, _, _ = select.select([read_fd] + [w.pidfd for w in workers.items], [], [], left)
+        if read_fd in readable:
+            got += len(os.read(read_fd, 64))
+            continue
+        for w in workers.items:
+            if w.pidfd in readable:
+                return f"worker {w.slot} (pid {w.pid}) exited while starting (see the log)"
+    return None
