@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3fsimg.blockmap import BlockMap, blockmap_key
-from s3fsimg.cache import DiskCache
+from s3fsimg.cache import STAMP_NS, DiskCache
 from s3fsimg.config import Config
 from s3fsimg.counters import Counters
 from s3fsimg.errors import BackendError, CacheError, IntegrityError, NotFound, S3fsimgError
@@ -86,13 +86,26 @@ COUNTER_NAMES = (
 
 
 @dataclass
-class _ObjectState:
-    """What this process knows of one object (see the module docstring). Guarded by `ObjectReader._lock`
-    except `fd`'s reference count, which is too."""
+class _Descriptor:
+    """An open descriptor of a complete object, with the reads using it right now: it is closed only once
+    retired and unused (a descriptor closed under a read could be reused by another open, and the read
+    would return another file's bytes). Guarded by `ObjectReader._lock`."""
 
-    fd: int | None = None  # descriptor of the complete object
-    fd_users: int = 0  # reads using `fd` right now (it is closed when the state is dropped and unused)
-    doomed: bool = False  # dropped from the table: close `fd` when the last user is done
+    fd: int
+    users: int = 0
+    retired: bool = False
+
+    def close_if_done(self) -> None:
+        if self.retired and self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _ObjectState:
+    """What this process knows of one object (see the module docstring). Guarded by `ObjectReader._lock`."""
+
+    descriptor: _Descriptor | None = None  # of the complete object
     memory: bytes | None = None  # the verified object, when the cache could not store it
     next_offset: int = -1  # where a sequential read would start
     window: int = 0  # read-ahead window in blocks
@@ -137,8 +150,7 @@ class ObjectReader:
         with self._lock:
             states, self._states = list(self._states.values()), OrderedDict()
             for st in states:
-                st.doomed = True
-                self._close_fd_if_unused(st)
+                self._retire(st)
         self.cache.close()
 
     def __enter__(self) -> ObjectReader:
@@ -163,47 +175,54 @@ class ObjectReader:
             st = self._states[sha256] = _ObjectState()
             while len(self._states) > OBJECT_STATES:
                 _, old = self._states.popitem(last=False)
-                old.doomed = True
-                self._close_fd_if_unused(old)
+                self._retire(old)
             return st
 
     @staticmethod
-    def _close_fd_if_unused(st: _ObjectState) -> None:
-        """Under `_lock`: close a dropped state's descriptor once no read uses it (a descriptor closed
-        under a read could be reused by another open, and the read would return another file's bytes)."""
-        if st.doomed and st.fd is not None and st.fd_users == 0:
-            os.close(st.fd)
-            st.fd = None
+    def _retire(st: _ObjectState) -> None:
+        """Under `_lock`: the state's descriptor is closed once no read uses it."""
+        desc, st.descriptor = st.descriptor, None
+        if desc is not None:
+            desc.retired = True
+            desc.close_if_done()
 
-    def _acquire_fd(self, entry: Entry, st: _ObjectState) -> int | None:
-        """The complete object's descriptor, marked in use (release with `_release_fd`), or None."""
+    def _acquire(self, entry: Entry, st: _ObjectState) -> _Descriptor | None:
+        """The complete object's descriptor, marked in use (give it back with `_release`), or None. A kept
+        descriptor whose file was written to since it was verified (its mtime is no longer the cache's
+        stamp) is retired, and the cache checks the file again (`DiskCache.open_object`)."""
         with self._lock:
-            if st.fd is not None:
-                st.fd_users += 1
-                return st.fd
+            desc = st.descriptor
+            if desc is not None:
+                if _intact(desc.fd):
+                    desc.users += 1
+                    return desc
+                self._retire(st)
         fd = self.cache.open_object(entry.sha256, entry.ext)
         if fd is None:
             return None
         with self._lock:
-            if st.fd is None and not st.doomed:
-                st.fd = fd
-            elif st.fd is not None:
+            desc = st.descriptor
+            if desc is None:
+                desc = _Descriptor(fd)
+                if self._states.get(entry.sha256) is st:
+                    st.descriptor = desc
+                else:  # the state was dropped meanwhile: the descriptor serves this read only
+                    desc.retired = True
+            else:
                 os.close(fd)
-            else:  # the state was dropped meanwhile: use the descriptor for this read only
-                st.fd, st.doomed = fd, True
-            st.fd_users += 1
-            return st.fd
+            desc.users += 1
+            return desc
 
-    def _release_fd(self, st: _ObjectState) -> None:
+    def _release(self, desc: _Descriptor) -> None:
         with self._lock:
-            st.fd_users -= 1
-            self._close_fd_if_unused(st)
+            desc.users -= 1
+            desc.close_if_done()
 
     def is_complete(self, entry: Entry) -> bool:
         """Whether the object is complete and verified in the cache (or in this process's memory)."""
         with self._lock:
             st = self._states.get(entry.sha256)
-            if st is not None and (st.fd is not None or st.memory is not None):
+            if st is not None and (st.descriptor is not None or st.memory is not None):
                 return True
         return self.cache.has_object(entry.sha256, entry.ext)
 
@@ -252,17 +271,17 @@ class ObjectReader:
         hit = False
         try:
             self._check_generation(entry, opened_at)
-            fd = self._acquire_fd(entry, st)
-            if fd is None and st.memory is None and (entry.bytes <= self.whole_object_max
-                                                     or self.cache.is_suspect(entry.sha256)):
-                fd = self._open_whole(entry, st)
+            desc = self._acquire(entry, st)
+            if desc is None and st.memory is None and (entry.bytes <= self.whole_object_max
+                                                       or self.cache.is_suspect(entry.sha256)):
+                desc = self._open_whole(entry, st)
             else:
-                hit = fd is not None
-            if fd is not None:
+                hit = desc is not None
+            if desc is not None:
                 try:
-                    data = os.pread(fd, size, offset)
+                    data = os.pread(desc.fd, size, offset)
                 finally:
-                    self._release_fd(st)
+                    self._release(desc)
             elif st.memory is not None:
                 data = st.memory[offset:offset + size]
             else:
@@ -293,23 +312,23 @@ class ObjectReader:
             return None
         with self._lock:
             st = self._states.get(entry.sha256)
-            if st is None or st.fd is None:
+            desc = st.descriptor if st is not None else None
+            if desc is None or not _intact(desc.fd):
                 return None
-            st.fd_users += 1
-            fd = st.fd
+            desc.users += 1
         buf = memoryview(into)[:size] if into is not None and len(into) >= size else bytearray(size)
         try:
-            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+            n = os.preadv(desc.fd, [buf], offset, os.RWF_NOWAIT)
         except OSError:
             return None
         finally:
-            self._release_fd(st)
+            self._release(desc)
         if n != size:
             return None
         self.counters.add_many({"reads": 1, "bytes_read": size, "cache_hits": 1})
         return buf  # no copy into bytes: the filesystem replies straight from this buffer
 
-    def _open_whole(self, entry: Entry, st: _ObjectState) -> int | None:
+    def _open_whole(self, entry: Entry, st: _ObjectState) -> _Descriptor | None:
         """Fetch the whole object into the cache and open it (marked in use); when the cache cannot
         take it (disk full), keep the verified bytes in memory instead (returns None)."""
         try:
@@ -317,10 +336,10 @@ class ObjectReader:
         except CacheError:
             st.memory = self.download_verified(entry)
             return None
-        fd = self._acquire_fd(entry, st)
-        if fd is None:  # evicted between the fetch and the open
+        desc = self._acquire(entry, st)
+        if desc is None:  # evicted between the fetch and the open
             st.memory = self.download_verified(entry)
-        return fd
+        return desc
 
     # -- whole objects -------------------------------------------------------------------------------
     def fetch_path(self, entry: Entry) -> Path:
@@ -437,8 +456,7 @@ class ObjectReader:
         with self._lock:  # this process's state of it goes too (descriptor, map, what was served)
             st = self._states.pop(entry.sha256, None)
             if st is not None:
-                st.doomed = True
-                self._close_fd_if_unused(st)
+                self._retire(st)
         callback = self.on_untrusted_pages
         if callback is not None:
             callback(entry.sha256)
@@ -734,3 +752,12 @@ def block_span(offset: int, size: int, block_size: int) -> tuple[int, int]:
     """The first and last block (inclusive) holding bytes [offset, offset+size), size > 0: the block
     arithmetic of every read (property-tested against a byte-by-byte model)."""
     return offset // block_size, (offset + size - 1) // block_size
+
+
+def _intact(fd: int) -> bool:
+    """Whether a complete object's file still has the mtime the cache stamped it with (one fstat): a
+    write to it since (corruption on disk, a user's editor) changes it."""
+    try:
+        return os.fstat(fd).st_mtime_ns == STAMP_NS
+    except OSError:
+        return False

@@ -215,3 +215,30 @@ def test_pages_served_before_a_failure_found_by_another_process_are_never_read_b
                 f.read()  # completes it from fresh blocks: block 1 was served with other bytes
             assert _digest(ds.fetch(big.sha256).read_bytes()) == big.sha256  # whole, verified, complete
         assert path.read_bytes() == source
+
+
+@fuse_test
+@pytest.mark.fuse
+def test_a_cached_object_corrupted_on_disk_is_fetched_again_through_the_mount(
+        big_set: dict[str, Entry], s3_env: dict[str, str], proxy: Any, mnt_dir: Path, tmp_path: Path) -> None:
+    """The mount keeps a descriptor of each complete object it reads; a write to the cached file (a
+    flipped byte on disk) is noticed at the next read that reaches the mount, which fetches the object
+    again instead of serving the damaged file."""
+    e = min(big_set.values(), key=lambda x: x.bytes)
+    source = (tmp_path / "ws" / str(e.source_path)).read_bytes()
+    with MountProcess(mnt_dir, env={**os.environ, "DATASET_MOUNT_WORKERS": "1"}):  # one process: one descriptor
+        path = mnt_dir / e.path
+        assert path.read_bytes() == source  # now complete in the cache
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        assert path.read_bytes() == source  # read from the complete object: its descriptor is kept
+        cached = Path(s3_env["DATASET_CACHE_DIR"]) / "v1" / "objects" / e.sha256[:2] / e.sha256[2:4] / \
+            f"{e.sha256}.{e.path.rsplit('.', 1)[1]}"
+        with open(cached, "r+b") as f:  # damage it in place, as bit rot or a stray write would
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        Path("/proc/sys/vm/drop_caches").write_text("3")  # the kernel forgets the mount's pages too
+        proxy.reset()
+        assert path.read_bytes() == source
+        assert proxy.get_count("GET", e.path) >= 1  # fetched again
