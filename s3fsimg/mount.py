@@ -11,9 +11,16 @@ Order of work, and why:
    an error (raised again in the parent, same class and message). The child forks once more and
    calls setsid, so it survives the shell. Forking happens BEFORE any boto3 client or thread exists;
 3. in the serving process: the S3 store, the index (`index_load.load_index`: manifest problems are
-   reported here), the reader, the Operations, `pyfuse3.init` (mount), then the trio loop;
+   reported here), the counters (`Counters`, one slot per process), the reader, the Operations,
+   `pyfuse3.init` (mount), then the trio loop;
 4. SIGTERM/SIGINT -> `pyfuse3.terminate()` -> the loop ends -> `pyfuse3.close(unmount=True)`; after
    an error, `close(unmount=False)`; an external `fusermount3 -u` also ends the loop.
+
+With `workers` > 1 (the default on a machine with several cores), step 3 builds no reader in the
+serving process (`_FirstReader` makes one only if a read comes before the workers exist); the process
+answers INIT, forks the workers, which build their own index connection and reader and serve, and
+supervises them (s3fsimg/workers.py: why and how). "ready" is reported once every worker has started;
+the mount's exit status is 1 when a worker died (the connection was aborted).
 
 Risk of `--allow-other`: every local user can then read the dataset with the mounting user's S3
 credentials (the kernel still checks the 0444/0555 modes, which allow everyone to read). Use it only

@@ -164,6 +164,13 @@ class Turn:
             self._owned = False
             os.write(self._w, b"t")
 
+    def leave(self) -> None:
+        """This process serves no more: give the turn back if it has it (the task whose read ended the
+        session leaves its grant behind; the other workers need the turn to see the end too)."""
+        self._exiting = True
+        self._granted = False
+        self._give()
+
     def stop(self) -> None:
         """Stop waiting for the turn (the worker was told to stop); call from the trio thread."""
         self._exiting = True
@@ -306,7 +313,10 @@ async def worker_main(turn: Turn, ready: Callable[[], None]) -> None:
 
         nursery.start_soon(_stop_signals, on_signal)
         ready()
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        finally:
+            turn.leave()
         nursery.cancel_scope.cancel()
 
 
