@@ -75,7 +75,8 @@ class WarmReport:
 
     def summary(self, where: str) -> str:
         rate = self.fetched_bytes / self.seconds if self.seconds > 0 else 0.0
-        return (f"warmed {self.warmed} images ({format_size(self.planned_bytes)}) in {where} in {self.seconds:.1f}s: "
+        images = "image" if self.warmed == 1 else "images"
+        return (f"warmed {self.warmed} {images} ({format_size(self.planned_bytes)}) in {where} in {self.seconds:.1f}s: "
                 f"{self.fetched} fetched ({format_size(self.fetched_bytes)}, {format_size(int(rate))}/s), "
                 f"{self.cached} already cached" + (f", {self.failed} failed" if self.failed else ""))
 

@@ -81,6 +81,19 @@ def _answers(cli: str) -> bool:
         return False
 
 
+def _running_dockerd() -> int | None:
+    """The PID of a running dockerd process, if any (whoever started it)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if (d / "comm").read_text().strip() == "dockerd" and state != "Z":
+                    return int(d.name)
+            except (OSError, IndexError):
+                continue
+    return None
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     cli = _docker_cli()
@@ -92,6 +105,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     dockerd = shutil.which("dockerd")
     if dockerd is None or os.geteuid() != 0:
         pytest.skip(f"no Docker engine answers, and none can be started here (dockerd: {dockerd}, uid {os.geteuid()})")
+    if running := _running_dockerd():
+        # A second dockerd would take over the first one's sockets (/var/run/docker.sock, containerd's)
+        pytest.skip(f"a dockerd is running (pid {running}) but does not answer; not starting a second one")
     logdir = tmp_path_factory.mktemp("dockerd")
     log = open(logdir / "dockerd.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([dockerd, "--storage-driver=overlay2", "--pidfile", str(logdir / "dockerd.pid")],
