@@ -145,7 +145,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _fail(self, exc: BaseException, key: str) -> pyfuse3.FUSEError:
-        """The FUSEError for `exc`; an EIO is counted and logged once per (key, cause)."""
+        """The FUSEError for `exc`; an EIO is logged once per (key, cause) (the reader counts it)."""
         code = errno_for(exc)
         if code == errno.EIO:
             cause = str(exc) or exc.__class__.__name__
