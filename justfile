@@ -59,3 +59,19 @@ mount mountpoint *args: setup
 # re-pin dependencies (hashed, no index address)
 lock:
     bash scripts/lock.sh
+
+# fill the cache: ids, mount paths, --from FILE or --all (configuration from .env / environment)
+warm *args: setup
+    {{py}} -m s3fsimg warm "$@"
+
+# build the container image s3fsimg (BASE: a base image; default the official python slim image)
+image base="python:3.11-slim-bookworm":
+    docker build --build-arg BASE={{base}} -t s3fsimg .
+
+# build the container image on a local Debian base made with debootstrap (no image registry needed)
+image-local:
+    docker build --build-arg BASE="$(bash scripts/docker-base.sh)" -t s3fsimg .
+
+# the container tests alone (they start a Docker engine when none runs, and build the image)
+test-container *args: setup
+    {{py}} -m pytest -q tests/test_container.py "$@"
