@@ -179,10 +179,10 @@ class Turn:
     async def _take(self) -> None:
         self.pass_on()
         while True:
-            await trio.lowlevel.wait_readable(self._r)
             try:
                 os.read(self._r, 1)
-            except BlockingIOError:  # another worker took it
+            except BlockingIOError:  # another worker has it
+                await trio.lowlevel.wait_readable(self._r)
                 continue
             self._owned = True
             return
@@ -193,7 +193,16 @@ class Turn:
             return False
         if self._lock is None:
             self._lock = trio.Lock()
-        async with self._lock:  # one task of this process waits for the turn (trio: one waiter per fd)
+        # One task of this process waits for the turn (trio allows one waiter per descriptor). When one
+        # already does, this one ends (False ends a pyfuse3 task, which starts another when a request
+        # comes and none is waiting): pyfuse3 counts only tasks inside `wait` as idle, and would keep
+        # up to max_tasks of them queued here. No checkpoint when the lock and the turn are free: `wait`
+        # yields anyway.
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
             if self._exiting:
                 return False
             try:
@@ -212,6 +221,8 @@ class Turn:
                 return False
             self._granted = True
             return True
+        finally:
+            self._lock.release()
 
     def install(self, ops: Any) -> None:
         """Route pyfuse3's waits through the turn and make every handler of `ops` pass it on first
