@@ -70,9 +70,9 @@ log = logging.getLogger(__name__)
 FSNAME = "s3fsimg"
 #: Kernel readahead of the mount (the FUSE bdi's read_ahead_kb), set when we may (root): the default
 #: 128 KiB makes the kernel read a file in 128 KiB requests, each a round trip through Python; at 1 MiB
-#: sequential reads come in requests up to 1 MiB (libfuse's max_pages), 2-3x fewer round trips, while a
-#: 64 KiB header read still asks for 256 KiB at most (one cache block). Larger windows double what
-#: header reads fetch (measured by bench/mount.py: 4 MiB gave 8x the bytes asked).
+#: sequential reads come in requests up to 1 MiB (libfuse's max_pages), far fewer round trips, while a
+#: 64 KiB header read still asks for 256 KiB at most (one cache block). Larger windows make header
+#: reads fetch more than one block (bench/mount.py measures the bytes fetched per byte asked).
 READ_AHEAD_KB = 1024
 
 
