@@ -739,7 +739,7 @@ def _report(sec: Section, results: dict[int, dict[str, Result]], local: Result, 
                     sec.add(f"{what}, 2 workers, {latency} ms", _mbps(total, t2), "MB/s",
                             baseline="the same with --workers 1", ratio=t1 / t2, goal=1.0)
         sec.add(f"mount time (fresh cache), {latency} ms", min(ours.mount_s), "s")
-        sec.add(f"mount process peak RSS, {latency} ms", ours.rss_mb, "MB")
+        sec.add(f"mount peak RSS (parent + workers), {latency} ms", ours.rss_mb, "MB")
 
         header = ["system", "mount s", "peak RSS MB", *[f"cold {r}r MB/s (img/s)" for r in readers],
                   "pass 2 MB/s", "pass 3 MB/s", "header s", "header fetched÷asked", "ImageFolder img/s",
