@@ -76,6 +76,10 @@ class Reader(Protocol):
     def failure_generation(self, entry: Entry) -> int: ...
 
 
+def _nothing() -> None:
+    return None
+
+
 def errno_for(exc: BaseException) -> int:
     """The errno the kernel gets for `exc`: the one mapping of the project's exceptions to errno.
     `S3fsimgError` subclasses carry theirs (NotFound -> ENOENT, ConfigError -> EINVAL, BackendError and
@@ -107,6 +111,9 @@ class Operations(pyfuse3.Operations):
         self.started = time.time()
         self._logged: set[tuple[str, str]] = set()
         self._reply_buffer = bytearray(REPLY_BUFFER)
+        #: Called right before a request is handed to a thread, before the handler first suspends: a
+        #: worker of a multi-process mount passes its turn on there (see workers.py).
+        self.before_thread: Callable[[], None] = _nothing
         self.after_fork(index, reader)
 
     def after_fork(self, index: Index, reader: Reader) -> None:
@@ -286,6 +293,7 @@ class Operations(pyfuse3.Operations):
             # Page-cached: no thread, and no new buffer (see REPLY_BUFFER).
             data = self.reader.read_nowait(entry, off, size, opened_at=opened_at, into=self._reply_buffer)
             if data is None:
+                self.before_thread()
                 data = await trio.to_thread.run_sync(
                     functools.partial(self.reader.read, entry, off, size, opened_at=opened_at), limiter=self.limiter)
         except Exception as exc:
@@ -299,6 +307,7 @@ class Operations(pyfuse3.Operations):
             if self._manifest_fd is None:
                 assert self.manifest_path is not None
                 self._manifest_fd = os.open(self.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
+            self.before_thread()
             data: bytes = await trio.to_thread.run_sync(os.pread, self._manifest_fd, size, off,
                                                         limiter=self.limiter)
         except Exception as exc:

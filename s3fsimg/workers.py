@@ -14,9 +14,12 @@ then block in read() until the next request, holding the GIL: that process's thr
 loop with them, so a read it was answering from a thread waits for some other request to arrive. With
 one reader and nothing else going on, that is forever (measured: a 3-process toy hung on the first
 cold `cat`). So only the holder of the *turn* (one byte in a pipe shared by the workers) waits for the
-descriptor; it reads one request and passes the turn on as soon as the request's handler starts, or
-before it waits again when libfuse answered the request itself. A read of /dev/fuse then never blocks
-(except after a request vanished in between: the next request releases it).
+descriptor. It keeps the turn while it answers requests on its trio loop (lookups, attributes, opens,
+page-cached reads: passing it on for each of those cost a cross-process wake-up per request and made
+2 workers slower than 1), and passes it on when a request is handed to a thread (`Operations.
+before_thread`: a read from disk or S3), before the handler's first suspension, so that another worker
+reads the next requests while this one waits. A read of /dev/fuse then never blocks (except after a
+request vanished in between: the next request releases it).
 
 Supervision (`supervise`, in the parent): SIGTERM/SIGINT/SIGHUP are forwarded to the workers, which
 finish the requests they hold and stop; a worker that exits with 0 stopped because the mount went away
@@ -52,11 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Upper bound of the default number of workers (`DATASET_MOUNT_WORKERS`).
 MAX_DEFAULT_WORKERS = 8
-#: The requests pyfuse3 dispatches to `Operations`: each starts by passing the turn on.
-HANDLERS = ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
-            "symlink", "rename", "link", "open", "read", "write", "flush", "release", "fsync", "opendir",
-            "readdir", "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr", "listxattr",
-            "removexattr", "access", "create")
 _FUSECTL = Path("/sys/fs/fuse/connections")
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -153,8 +151,8 @@ class Turn:
         self._lock: trio.Lock | None = None
 
     def pass_on(self) -> None:
-        """Give the turn to the next reader if this process used it for a request. A grant never outlives
-        the trio step that read the request, so a grant seen later is one whose request ended the loop."""
+        """Give the turn to the next reader if this process read the request being handled with it (called
+        before the handler first suspends, so no other task of this process is waiting with it)."""
         if self._granted:
             self._granted = False
             self._give()
@@ -177,7 +175,9 @@ class Turn:
         trio.lowlevel.notify_closing(self._r)
 
     async def _take(self) -> None:
-        self.pass_on()
+        if self._granted:  # the last request was answered without a thread: keep the turn
+            self._granted = False
+            return
         while True:
             try:
                 os.read(self._r, 1)
@@ -225,27 +225,14 @@ class Turn:
             self._lock.release()
 
     def install(self, ops: Any) -> None:
-        """Route pyfuse3's waits through the turn and make every handler of `ops` pass it on first
-        (instance attributes: the class stays as it is)."""
+        """Route pyfuse3's waits through the turn, and pass it on when `ops` hands a request to a thread."""
         wait = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]
 
         async def wait_fuse_readable() -> bool:
             return await self.wait_fuse_readable(wait)
 
         pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
-        for name in HANDLERS:
-            method = getattr(ops, name, None)
-            if method is not None:
-                setattr(ops, name, self._passing_on(method))
-
-    def _passing_on(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-        pass_on = self.pass_on
-
-        async def handler(*args: Any) -> Any:
-            pass_on()
-            return await method(*args)
-
-        return handler
+        ops.before_thread = self.pass_on
 
 
 # -- workers ----------------------------------------------------------------------------------
