@@ -378,12 +378,17 @@ class DiskCache:
         return self._write_file(name, payload, fsync=False)
 
     def drop_blocks(self, sha256: str) -> None:
-        """Remove every block of an object (all block sizes), files and ledger rows."""
+        """Remove every block of an object (all block sizes), files and ledger rows. A ledger that cannot be
+        written (its disk is full) keeps the rows: a row without a file is harmless (eviction skips it)."""
         for bs_dir in (self.base / "blocks").iterdir() if (self.base / "blocks").is_dir() else []:
             directory = bs_dir / sha256[0:2] / sha256
             if not directory.is_dir():
                 continue
-            self.ledger.forget_under(f"blocks/{bs_dir.name}/{sha256[0:2]}/{sha256}/")
+            try:
+                self.ledger.forget_under(f"blocks/{bs_dir.name}/{sha256[0:2]}/{sha256}/")
+            except sqlite3.Error as exc:
+                if not self.closed:
+                    log.warning("cache: ledger update failed: %s", exc)
             shutil.rmtree(directory, ignore_errors=True)
 
     def drop_object(self, sha256: str, ext: str) -> None:

@@ -124,7 +124,10 @@ def load_index(config: Config, store: S3Store) -> tuple[Index, Path]:
         meta = _download_manifest(store, config.manifest_key, where, local, sidecar, ident, info)
     else:
         meta["fetched_at"] = time.time()
-        _write_json(sidecar, meta)  # the most recent copy for an S3-down mount
+        try:
+            _write_json(sidecar, meta)  # the most recent copy for an S3-down mount
+        except OSError as exc:  # best effort (a full disk): the copy and its index are all there
+            log.debug("cannot refresh %s: %s", sidecar, exc)
     index = ensure_index(local, config.cache_dir / "index", digest=meta["sha256"], where=where,
                          mtime_ns=meta["mtime_ns"])
     return index, local

@@ -367,6 +367,16 @@ class ObjectReader:
                 self._whole.pop(entry.sha256, None)
 
     def _fetch_whole(self, entry: Entry) -> Path:
+        """Fetch, verify and store the whole object under the cross-process lock. The cache's own trouble
+        (a lock file that cannot be created on a full disk, ...) is a CacheError: `read` then serves the
+        verified bytes from memory, and `fetch` says the cache cannot take it."""
+        try:
+            return self._fetch_whole_locked(entry)
+        except OSError as exc:
+            raise CacheError(f"{self.cache.root}: cannot use the cache for {entry.sha256}: "
+                             f"{exc.strerror or exc}") from None
+
+    def _fetch_whole_locked(self, entry: Entry) -> Path:
         deadline = self._deadline()
         with self.cache.object_lock(entry.sha256, deadline):
             path = self.cache.object_path(entry.sha256, entry.ext)
