@@ -193,15 +193,13 @@ class Turn:
             return False
         if self._lock is None:
             self._lock = trio.Lock()
-        # One task of this process waits for the turn (trio allows one waiter per descriptor). When one
-        # already does, this one ends (False ends a pyfuse3 task, which starts another when a request
-        # comes and none is waiting): pyfuse3 counts only tasks inside `wait` as idle, and would keep
-        # up to max_tasks of them queued here. No checkpoint when the lock and the turn are free: `wait`
-        # yields anyway.
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            return False
+        # One task of this process waits for the turn (trio allows one waiter per descriptor); the others
+        # queue on the lock. pyfuse3 counts only tasks inside `wait` as idle, so it starts tasks until
+        # max_tasks (99) are queued here: a few KB each, and no task is started or ended per request
+        # (ending a task whenever another waited, as before, made pyfuse3 start one for nearly every
+        # request: measured on 312 small images, 8 readers, 2 workers against 1, the page-cache pass went
+        # from ~0.7x to ~0.87x, the disk-cache pass from ~0.78x to ~0.85x, find+stat from ~1x to ~1.2x).
+        await self._lock.acquire()
         try:
             if self._exiting:
                 return False
