@@ -122,6 +122,15 @@ def _sha256_of(fd: int) -> str:
 _HEX64 = frozenset("0123456789abcdef")
 
 
+def unchanged_since_verified(fd: int) -> bool:
+    """Whether an open complete object still has the mtime it was stamped with when it was verified (one
+    fstat): any write to it since (damage on disk, a stray editor) changes it. False when it cannot tell."""
+    try:
+        return os.fstat(fd).st_mtime_ns == STAMP_NS
+    except OSError:
+        return False
+
+
 def _is_sha256(name: str) -> bool:
     return len(name) == 64 and set(name) <= _HEX64
 
@@ -304,9 +313,9 @@ class DiskCache:
             fd = os.open(f"{self._base_str}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        if unchanged_since_verified(fd):
+            return fd
         try:
-            if os.fstat(fd).st_mtime_ns == STAMP_NS:
-                return fd
             intact = _sha256_of(fd) == sha256
             if intact:
                 os.lseek(fd, 0, os.SEEK_SET)

@@ -71,7 +71,7 @@ class Reader(Protocol):
     def read_nowait(self, entry: Entry, offset: int, size: int, *, opened_at: int | None = None,
                     into: bytearray | None = None) -> bytes | bytearray | memoryview | None: ...
 
-    def may_keep_pages(self, entry: Entry) -> bool: ...
+    def may_keep_pages(self, entry: Entry, generation: int | None = None) -> bool: ...
 
     def failure_generation(self, entry: Entry) -> int: ...
 
@@ -265,8 +265,9 @@ class Operations(pyfuse3.Operations):
             # The hot path (every open of an image): one entry lookup, usually from memory.
             try:
                 entry = self._object_entry(inode)
-                keep = self.reader.may_keep_pages(entry)
-                fh = inode | (self.reader.failure_generation(entry) << _HANDLE_SHIFT)
+                generation = self.reader.failure_generation(entry)
+                keep = self.reader.may_keep_pages(entry, generation)
+                fh = inode | (generation << _HANDLE_SHIFT)
             except Exception as exc:
                 raise self._fail(exc, f"inode {inode}") from None
         elif self._attr(inode).is_dir:

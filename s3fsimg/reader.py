@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from s3fsimg.blockmap import BlockMap, blockmap_key
-from s3fsimg.cache import STAMP_NS, DiskCache
+from s3fsimg.cache import DiskCache, unchanged_since_verified
 from s3fsimg.config import Config
 from s3fsimg.counters import Counters
 from s3fsimg.errors import BackendError, CacheError, IntegrityError, NotFound, S3fsimgError
@@ -193,7 +193,7 @@ class ObjectReader:
         with self._lock:
             desc = st.descriptor
             if desc is not None:
-                if _intact(desc.fd):
+                if unchanged_since_verified(desc.fd):
                     desc.users += 1
                     return desc
                 self._retire(st)
@@ -226,16 +226,17 @@ class ObjectReader:
                 return True
         return self.cache.has_object(entry.sha256, entry.ext)
 
-    def may_keep_pages(self, entry: Entry) -> bool:
+    def may_keep_pages(self, entry: Entry, generation: int | None = None) -> bool:
         """Whether the kernel may keep the object's pages across opens: only when every byte it may hold
         was verified: a small object (served only whole-verified); a large one that never failed
         verification in any process (else the kernel may hold pages served before the failure, perhaps
         by another process, which cannot drop them: `on_untrusted_pages` reaches only this one's) and is
         complete (every block served unverified was checked against it: `_complete`) or whose block map
-        this process holds. Otherwise an open drops the pages, so none is read back unchecked."""
+        this process holds. Otherwise an open drops the pages, so none is read back unchecked.
+        `generation`: the object's `failure_generation`, when the caller has it already."""
         if entry.bytes <= self.whole_object_max:
             return True
-        if self.failure_generation(entry):
+        if (self.failure_generation(entry) if generation is None else generation):
             return False
         if self.is_complete(entry):
             return True
@@ -313,7 +314,7 @@ class ObjectReader:
         with self._lock:
             st = self._states.get(entry.sha256)
             desc = st.descriptor if st is not None else None
-            if desc is None or not _intact(desc.fd):
+            if desc is None or not unchanged_since_verified(desc.fd):
                 return None
             desc.users += 1
         buf = memoryview(into)[:size] if into is not None and len(into) >= size else bytearray(size)
@@ -485,7 +486,7 @@ class ObjectReader:
         first, last = block_span(offset, size, bs)
         ahead = self._readahead(entry, st, offset, size, first, last)
         if ahead is not None:
-            self.prefetch(entry, *ahead)
+            self._fetch_ahead(entry, *ahead)
         blocks, fetched = self._blocks(entry, st, first, last, self._deadline())
         blockmap = self._blockmap_now(st)
         if blockmap is None:
@@ -519,7 +520,7 @@ class ObjectReader:
                 return first, last + (rest if rest <= window_max else st.window)
         return None
 
-    def prefetch(self, entry: Entry, first: int, last: int) -> None:
+    def _fetch_ahead(self, entry: Entry, first: int, last: int) -> None:
         """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
         if self._closed:
             return
@@ -763,11 +764,3 @@ def block_span(offset: int, size: int, block_size: int) -> tuple[int, int]:
     arithmetic of every read (property-tested against a byte-by-byte model)."""
     return offset // block_size, (offset + size - 1) // block_size
 
-
-def _intact(fd: int) -> bool:
-    """Whether a complete object's file still has the mtime the cache stamped it with (one fstat): a
-    write to it since (corruption on disk, a user's editor) changes it."""
-    try:
-        return os.fstat(fd).st_mtime_ns == STAMP_NS
-    except OSError:
-        return False

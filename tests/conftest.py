@@ -41,6 +41,7 @@ import pytest
 from s3fsimg_lab.images import SampleSet, make_dataset
 from s3fsimg_lab.moto import MotoServer, lab_env, make_public, s3_client
 from s3fsimg_lab.proxy import LabProxy
+from tests.mountutil import scratch_mountpoint
 
 pytest_plugins = ["tests.checklogs"]
 
@@ -188,3 +189,10 @@ def large_set(tmp_path_factory: pytest.TempPathFactory) -> SampleSet:
         decoys=False,
         map_fraction=0,
     )
+
+
+@pytest.fixture
+def mnt_dir() -> Iterator[Path]:
+    """A mountpoint other users can reach, cleaned up (lazy unmount) whatever the test did."""
+    with scratch_mountpoint() as mp:
+        yield mp

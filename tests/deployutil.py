@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any
 
 from s3fsimg.manifest import Entry
 from tests.cacheworker import build_workset, upload_dir
-from tests.mountutil import is_mounted
+from tests.mountutil import is_mounted, scratch_mountpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
@@ -93,17 +91,12 @@ def stop_daemons(mountpoint: Path) -> None:
 
 @contextlib.contextmanager
 def shared_mnt_dir(prefix: str = "s3fsimg-mnt-") -> Iterator[Path]:
-    """A mountpoint under a 0755 directory (tmp_path is 0700); unmounted and removed afterwards."""
-    top = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(top, 0o755)
-    mp = top / "mnt"
-    mp.mkdir()
-    os.chmod(mp, 0o755)
-    try:
-        yield mp
-    finally:
-        stop_daemons(mp)
-        shutil.rmtree(top, ignore_errors=True)
+    """`mountutil.scratch_mountpoint`, whose daemonised mounts are also stopped afterwards."""
+    with scratch_mountpoint(prefix) as mp:
+        try:
+            yield mp
+        finally:
+            stop_daemons(mp)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

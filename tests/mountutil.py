@@ -8,14 +8,16 @@ down: `fusermount3 -u -z`, then terminate, then kill.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,35 @@ class MountProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def scratch_mountpoint(prefix: str = "s3fsimg-mnt-") -> Iterator[Path]:
+    """A new empty mountpoint that other users can reach (pytest's tmp_path is 0700); whatever is left
+    mounted on it is lazily unmounted, and the directory removed, at the end."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(top, 0o755)
+    mp = top / "mnt"
+    mp.mkdir()
+    os.chmod(mp, 0o755)
+    try:
+        yield mp
+    finally:
+        if is_mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (`6m`) mounted at `path` (0700), lazily unmounted at the end; the test is skipped
+    with the reason when it cannot be mounted."""
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

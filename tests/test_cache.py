@@ -35,6 +35,7 @@ from tests.cacheworker import (
     worker_env,
 )
 from tests.checklogs import expect_logs
+from tests.mountutil import mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -184,16 +185,8 @@ def test_sigkill_while_filling_then_fresh_process(fifty: dict[str, Entry], s3_en
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_cache_on_a_full_tmpfs(fifty: dict[str, Entry], s3_env: dict[str, str], proxy: Any, tmpfs: Path,

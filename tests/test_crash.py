@@ -37,7 +37,7 @@ import pytest
 
 from s3fsimg.manifest import Entry
 from tests.cacheworker import ROOT, build_workset, cache_usage, collect, start_worker, upload_dir, worker_env
-from tests.mountutil import MountProcess, fuse_test, is_mounted
+from tests.mountutil import MountProcess, fuse_test, is_mounted, mounted_tmpfs
 
 pytestmark = [fuse_test, pytest.mark.fuse]
 
@@ -183,16 +183,8 @@ def test_sigkill_of_fetch_processes_while_they_fill_the_cache_then_every_fetch_i
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.timeout(240)

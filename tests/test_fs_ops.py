@@ -57,7 +57,7 @@ class FakeReader:
                     into: bytearray | None = None) -> bytes | None:
         return None  # always the worker-thread path, which the tests observe
 
-    def may_keep_pages(self, entry: Entry) -> bool:
+    def may_keep_pages(self, entry: Entry, generation: int | None = None) -> bool:
         return True
 
     def failure_generation(self, entry: Entry) -> int:

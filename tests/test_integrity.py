@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from s3fsimg.manifest import Entry
 from s3fsimg.reader import ObjectReader
 from s3fsimg.s3 import GetResult, S3Store
 from tests.cacheworker import build_workset, upload_dir
-from tests.mountutil import MountProcess, fuse_test, is_mounted
+from tests.mountutil import MountProcess, fuse_test
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,17 +81,6 @@ def big_set(s3_env: dict[str, str], large_set: Any, tmp_path: Path) -> dict[str,
     """The large (1-3 MB) images uploaded with the product's uploader (so each has a block map), from
     tmp_path/ws."""
     return upload_dir(build_workset(tmp_path / "ws", [], large_set.large), s3_env)
-
-
-@pytest.fixture
-def mnt_dir() -> Iterator[Path]:
-    top = Path(tempfile.mkdtemp(prefix="s3fsimg-int-"))
-    mp = top / "mnt"
-    mp.mkdir()
-    yield mp
-    if is_mounted(mp):
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
-    subprocess.run(["rm", "-rf", str(top)], check=False)
 
 
 def _stats(mp: Path) -> dict[str, Any]:

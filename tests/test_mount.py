@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -68,20 +67,6 @@ def dataset(s3_env: dict[str, str], sample_dir: SampleSet, tmp_path: Path, proxy
     local.write_bytes(S3Store(config).get_bytes(config.manifest_key))
     proxy.reset()
     return Dataset(dict(os.environ), Path(sample_dir), local)
-
-
-@pytest.fixture
-def mnt_dir() -> Iterator[Path]:
-    """A mountpoint other users can reach (tmp_path is 0700)."""
-    top = Path(tempfile.mkdtemp(prefix="s3fsimg-mnt-"))
-    os.chmod(top, 0o755)
-    mp = top / "mnt"
-    mp.mkdir()
-    os.chmod(mp, 0o755)
-    yield mp
-    if is_mounted(mp):
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
-    shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture

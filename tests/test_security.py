@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,7 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.cacheworker import build_workset
-from tests.mountutil import fuse_test, is_mounted
+from tests.mountutil import fuse_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,22 +61,11 @@ def leaks(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture
-def mountpoint() -> Any:
-    top = Path(tempfile.mkdtemp(prefix="s3fsimg-sec-"))
-    mp = top / "mnt"
-    mp.mkdir()
-    yield mp
-    if is_mounted(mp):
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
-    shutil.rmtree(top, ignore_errors=True)
-
-
 @fuse_test
 @pytest.mark.fuse
 @pytest.mark.timeout(240)
 def test_a_debug_run_leaks_no_credential_token_or_signature(s3_env: dict[str, str], sample_set: Any, large_set: Any,
-                                                            proxy: Any, tmp_path: Path, mountpoint: Path) -> None:
+                                                            proxy: Any, tmp_path: Path, mnt_dir: Path) -> None:
     env = {**os.environ, **s3_env, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_SESSION_TOKEN": SESSION_TOKEN, "DATASET_LOG_LEVEL": "debug", "PYTHONPATH": str(ROOT)}
     cache = Path(s3_env["DATASET_CACHE_DIR"])
@@ -100,19 +87,19 @@ def test_a_debug_run_leaks_no_credential_token_or_signature(s3_env: dict[str, st
     run("random-fetch", "random-fetch", "--n", "3", "--seed", "1")
     with proxy.fault("error_status", 403, match=shas[3]):  # an error, with its traceback in the debug log
         run("fetch-denied", "fetch", shas[3], ok=False)
-    run("mount", "mount", str(mountpoint))
+    run("mount", "mount", str(mnt_dir))
     try:
         for sha in shas:
-            named = list((mountpoint / "images" / sha[:2] / sha[2:4]).glob(f"{sha}.*"))
+            named = list((mnt_dir / "images" / sha[:2] / sha[2:4]).glob(f"{sha}.*"))
             assert len(named) == 1, sha
             with open(named[0], "rb") as f:
                 head = f.read(4096)
                 f.seek(0)
                 assert hashlib.sha256(f.read()).hexdigest() == sha
                 assert head
-        run("stats", "stats", str(mountpoint), "--json")
+        run("stats", "stats", str(mnt_dir), "--json")
     finally:
-        run("umount", "umount", str(mountpoint))
+        run("umount", "umount", str(mnt_dir))
     run("cache-stats", "cache", "stats")
 
     assert "Signature" in outputs["upload stderr"] or "Authorization" in outputs["upload stderr"], \

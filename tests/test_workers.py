@@ -35,7 +35,7 @@ from s3fsimg_lab.proxy import LabProxy
 from tests.cacheworker import ROOT, collect, worker_env
 from tests.mountutil import MountProcess, fuse_test, is_mounted
 from tests.test_crash import Workset, assert_correct, start_reader, workset  # noqa: F401
-from tests.test_mount import Dataset, dataset, mnt_dir  # noqa: F401
+from tests.test_mount import Dataset, dataset  # noqa: F401
 
 pytestmark = [fuse_test, pytest.mark.fuse]
 
@@ -221,7 +221,7 @@ def _lazy_unmount(m: MountProcess, pids: list[int], target: Path) -> None:
 @pytest.mark.parametrize("end", [_umount, _sigterm, _sigkill_parent, _lazy_unmount],
                          ids=["umount", "sigterm", "sigkill-parent", "lazy-unmount"])
 def test_no_worker_survives(end: Callable[[MountProcess, list[int], Path], None], dataset: Dataset,  # noqa: F811
-                            mnt_dir: Path) -> None:  # noqa: F811
+                            mnt_dir: Path) -> None:
     target = mnt_dir / dataset.entries[0].path
     m = MountProcess(mnt_dir, env=dataset.env, workers=4).start()
     try:
