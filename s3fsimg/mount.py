@@ -13,7 +13,7 @@ Order of work, and why:
 3. in the serving process: the S3 store, the index (`index_load.load_index`: manifest problems are
    reported here), the counters (`Counters`, one slot per process), the reader, the Operations,
    `pyfuse3.init` (mount), then the trio loop;
-4. SIGTERM/SIGINT -> `pyfuse3.terminate()` -> the loop ends -> `pyfuse3.close(unmount=True)`; after
+4. SIGTERM/SIGINT -> `session.terminate()` -> the loop ends -> `pyfuse3.close(unmount=True)`; after
    an error, `close(unmount=False)`; an external `fusermount3 -u` also ends the loop.
 
 With `workers` > 1 (the default on a machine with several cores), step 3 builds no reader in the
@@ -46,7 +46,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from s3fsimg import errors
+from s3fsimg import errors, session
 from s3fsimg.config import Config, private_dirs
 from s3fsimg.counters import Counters
 from s3fsimg.errors import MountError, S3fsimgError
@@ -354,6 +354,7 @@ async def _main(ready: _Ready, mp: Path) -> None:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
+        session.install()
         nursery.start_soon(fuse)
         # A stat of the root from a thread returns once the kernel's INIT is answered (the loop above
         # serves both). Only then may the readahead be raised: INIT's reply caps it at what the kernel
@@ -369,7 +370,7 @@ async def _on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
+            session.terminate()
             return
 
 

@@ -40,16 +40,18 @@ import logging
 import os
 import select
 import signal
-import stat
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
+
+from s3fsimg import session
+from s3fsimg.session import YIELD_EVERY, RequestWait, session_fd
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +89,6 @@ async def _stop_signals(on_signal: Callable[[int], None]) -> None:
 def default_workers() -> int:
     """The number of cores, at most MAX_DEFAULT_WORKERS."""
     return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
-
-
-def session_fd() -> int:
-    """This process's /dev/fuse descriptor (the one `pyfuse3.init` opened; pyfuse3 does not expose it)."""
-    fuse = os.stat("/dev/fuse").st_rdev
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError, ValueError):
-            st = os.fstat(int(name))
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == fuse:
-                return int(name)
-    raise RuntimeError("no /dev/fuse descriptor in this process")
 
 
 # -- the parent's INIT phase ------------------------------------------------------------------
@@ -149,6 +140,7 @@ class Turn:
         self._granted = False  # ... and pyfuse3 is reading (or has read) a request with it
         self._exiting = False
         self._lock: trio.Lock | None = None
+        self._calls = 0
 
     def pass_on(self) -> None:
         """Give the turn to the next reader if this process read the request being handled with it (called
@@ -187,10 +179,17 @@ class Turn:
             self._owned = True
             return
 
-    async def wait_fuse_readable(self, wait: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
-        """pyfuse3's `_wait_fuse_readable` (passed as `wait`), behind the turn."""
+    async def wait_fuse_readable(self, requests: RequestWait) -> bool:
+        """pyfuse3's `_wait_fuse_readable` behind the turn (`requests.wait` once this process has it)."""
+        self._calls += 1
+        if self._calls % YIELD_EVERY == 0:
+            await trio.lowlevel.checkpoint()
         if self._exiting:
             return False
+        if self._granted and requests.queued():
+            # This process kept the turn (the last request was answered on the loop), no other task of
+            # it waits with the turn, and a request is queued: read it now, as `RequestWait.wait` does.
+            return True
         if self._lock is None:
             self._lock = trio.Lock()
         # One task of this process waits for the turn (trio allows one waiter per descriptor); the others
@@ -209,7 +208,7 @@ class Turn:
                 self._exiting = True
                 return False
             try:
-                ready = await wait()
+                ready = await requests.wait()
             except BaseException:
                 self._give()
                 raise
@@ -223,11 +222,12 @@ class Turn:
             self._lock.release()
 
     def install(self, ops: Any) -> None:
-        """Route pyfuse3's waits through the turn, and pass it on when `ops` hands a request to a thread."""
-        wait = pyfuse3._wait_fuse_readable  # type: ignore[attr-defined]
+        """Route pyfuse3's waits in this process through the turn (and a new `session.RequestWait`), and
+        pass the turn on when `ops` hands a request to a thread."""
+        requests = session.install()
 
         async def wait_fuse_readable() -> bool:
-            return await self.wait_fuse_readable(wait)
+            return await self.wait_fuse_readable(requests)
 
         pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
         ops.before_thread = self.pass_on
@@ -305,7 +305,7 @@ async def worker_main(turn: Turn, ready: Callable[[], None]) -> None:
                 log.debug("worker %d: signal %d: stopping", os.getpid(), signum)
                 stopping = True
                 turn.stop()
-                pyfuse3.terminate()
+                session.terminate()
 
         nursery.start_soon(_stop_signals, on_signal)
         ready()
