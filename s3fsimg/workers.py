@@ -16,10 +16,14 @@ one reader and nothing else going on, that is forever (measured: a 3-process toy
 cold `cat`). So only the holder of the *turn* (one byte in a pipe shared by the workers) waits for the
 descriptor. It keeps the turn while it answers requests on its trio loop (lookups, attributes, opens,
 page-cached reads: passing it on for each of those cost a cross-process wake-up per request and made
-2 workers slower than 1), and passes it on when a request is handed to a thread (`Operations.
-before_thread`: a read from disk or S3), before the handler's first suspension, so that another worker
-reads the next requests while this one waits. A read of /dev/fuse then never blocks (except after a
-request vanished in between: the next request releases it).
+2 workers slower than 1). When a request is handed to a thread (`Operations.before_thread`: a read from
+disk or S3) it passes the turn on, before the handler's first suspension, so that another worker reads
+the next requests while this one's threads work, but only when that adds capacity (`Load`): this
+process kept most of a core busy over the last tenth of a second and the machine has a core idle.
+Otherwise each pass costs a cross-process wake-up and buys nothing: on 2 cores shared with 8 readers,
+passing on every such request made 2 workers read the disk-cache pass at ~0.8x of one (measured on
+312 small images; passing only with 2 or 4 threaded requests in flight, no better). A read of
+/dev/fuse never blocks (except after a request vanished in between: the next request releases it).
 
 Supervision (`supervise`, in the parent): SIGTERM/SIGINT/SIGHUP are forwarded to the workers, which
 finish the requests they hold and stop; a worker that exits with 0 stopped because the mount went away
@@ -129,9 +133,46 @@ async def serve_until_init(mp: Path, after_init: Callable[[], None]) -> bool:
 
 # -- the turn ---------------------------------------------------------------------------------
 
+class Load:
+    """Whether another worker would add capacity: this process used at least BUSY of a core and the
+    machine left at least IDLE cores idle, over the last WINDOW seconds (sampled when asked, at most once
+    a window: `time.process_time` and the idle time of /proc/stat)."""
+
+    WINDOW = 0.1
+    BUSY = 0.75
+    IDLE = 1.0
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._at = time.monotonic()
+        self._cpu = time.process_time()
+        self._idle = self._idle_seconds()
+        self.share = False
+
+    def _idle_seconds(self) -> float:
+        """Idle and iowait seconds of the whole machine since boot (0 when /proc/stat cannot be read)."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = f.readline().split()
+            return (int(fields[4]) + int(fields[5])) / self._tick
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def spare(self) -> bool:
+        now = time.monotonic()
+        if now - self._at >= self.WINDOW:
+            cpu, idle = time.process_time(), self._idle_seconds()
+            elapsed = now - self._at
+            self.share = (cpu - self._cpu) / elapsed >= self.BUSY and (idle - self._idle) / elapsed >= self.IDLE
+            self._at, self._cpu, self._idle = now, cpu, idle
+        return self.share
+
+
 class Turn:
     """The right to read the next request from /dev/fuse (see the module docstring): one byte in a pipe
-    made before fork, taken by one task of one worker at a time. Use `install` in a worker."""
+    made before fork, taken by one task of one worker at a time. Use `install` in a worker. `share`:
+    when to pass the turn on with a request handed to a thread (`Load.spare` unless the environment's
+    S3FSIMG_TURN is `always`, which the tests use to make every worker serve)."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -141,11 +182,14 @@ class Turn:
         self._exiting = False
         self._lock: trio.Lock | None = None
         self._calls = 0
+        self._share: Callable[[], bool] = (lambda: True) if os.environ.get("S3FSIMG_TURN") == "always" \
+            else Load().spare
 
     def pass_on(self) -> None:
-        """Give the turn to the next reader if this process read the request being handled with it (called
-        before the handler first suspends, so no other task of this process is waiting with it)."""
-        if self._granted:
+        """Give the turn to the next reader if this process read the request being handled with it and
+        another worker adds capacity (called before the handler first suspends, so no other task of this
+        process is waiting with it)."""
+        if self._granted and self._share():
             self._granted = False
             self._give()
 

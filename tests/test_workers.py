@@ -30,7 +30,7 @@ import pytest
 
 from s3fsimg.config import Config
 from s3fsimg.errors import ConfigError
-from s3fsimg.workers import MAX_DEFAULT_WORKERS, default_workers
+from s3fsimg.workers import MAX_DEFAULT_WORKERS, Load, default_workers
 from s3fsimg_lab.proxy import LabProxy
 from tests.cacheworker import ROOT, collect, worker_env
 from tests.mountutil import MountProcess, fuse_test, is_mounted
@@ -110,11 +110,34 @@ def test_bad_workers_flag_exits_2(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ serving
 
 
+def test_load_shares_the_turn_only_when_this_process_is_busy_and_a_core_is_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = {"now": 100.0, "cpu": 10.0, "idle": 1000.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(Load, "_idle_seconds", lambda self: clock["idle"])
+    load = Load()
+
+    def window(cpu: float, idle: float, seconds: float = 0.2) -> bool:
+        clock["now"] += seconds
+        clock["cpu"] += cpu * seconds
+        clock["idle"] += idle * seconds
+        return load.spare()
+
+    assert window(cpu=0.9, idle=1.5)  # busy, and a core idle: another worker adds capacity
+    assert not window(cpu=0.9, idle=0.3)  # busy, but the machine is full: a pass would cost, not add
+    assert not window(cpu=0.3, idle=1.5)  # this process keeps up alone
+    assert not window(cpu=0.9, idle=1.5, seconds=0.01)  # within the window: the last decision holds
+    assert window(cpu=0.9, idle=1.5)
+
+
 @pytest.mark.timeout(120)
 def test_four_workers_serve_every_file_and_the_stats_sum_them(dataset: Dataset, mnt_dir: Path,  # noqa: F811
                                                               proxy: LabProxy) -> None:
     objects = list({e.sha256: e for e in dataset.entries}.values())
-    with MountProcess(mnt_dir, env=dataset.env, workers=4) as m:
+    # S3FSIMG_TURN=always: the turn goes on with every read handed to a thread, so that the workers all
+    # serve (by default it stays with one worker unless another adds capacity: test_load_shares_...).
+    with MountProcess(mnt_dir, env={**dataset.env, "S3FSIMG_TURN": "always"}, workers=4) as m:
         pids = worker_pids(m, 4)
         before = {pid: io_chars(pid) for pid in pids}
         # One reader alone, cold: each read waits for S3 in a thread of whichever worker took it (with
@@ -143,7 +166,7 @@ def test_four_workers_serve_every_file_and_the_stats_sum_them(dataset: Dataset, 
 @pytest.mark.timeout(180)
 def test_sigkill_of_one_worker_during_heavy_reads_hangs_no_reader_and_a_remount_reads_right(
         workset: Workset, s3_env: dict[str, str], proxy: LabProxy, tmp_path: Path) -> None:  # noqa: F811
-    env = worker_env(s3_env, DATASET_BLOCK_SIZE="64K", DATASET_LOG_LEVEL="info")
+    env = worker_env(s3_env, DATASET_BLOCK_SIZE="64K", DATASET_LOG_LEVEL="info", S3FSIMG_TURN="always")
     mp = tmp_path / "mnt"
     targets = workset.targets(mp, tmp_path / "targets.json")
     m = MountProcess(mp, env=env, workers=4)
