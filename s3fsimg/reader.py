@@ -115,6 +115,11 @@ class _ObjectState:
     served: dict[int, int] = field(default_factory=dict)  # block -> CRC recorded as served (no map)
 
 
+class VerifiedBlock(bytes):
+    """A block cut from bytes checked whole against the object's sha256 (a read-ahead run that was the
+    whole object): served without the block map, and without recording its CRC (`_read_blocks`)."""
+
+
 class ObjectReader:
     """Reads objects through the cache. One per process (build a new one after fork()). Thread-safe."""
 
@@ -489,7 +494,7 @@ class ObjectReader:
             self._fetch_ahead(entry, *ahead)
         blocks, fetched = self._blocks(entry, st, first, last, self._deadline())
         blockmap = self._blockmap_now(st)
-        if blockmap is None:
+        if blockmap is None and not all(isinstance(b, VerifiedBlock) for b in blocks):
             self._record_served(entry, st, first, blocks)
             self.counters.add("unverified_bytes", size)
         start = offset - first * bs
@@ -538,8 +543,9 @@ class ObjectReader:
     def _blocks(self, entry: Entry, st: _ObjectState, first: int, last: int,
                 deadline: float) -> tuple[list[bytes], bool]:
         """Blocks first..last (inclusive), in order, each checked against the block map when there is
-        one; and whether any had to come from S3 (fetched now, or in flight)."""
-        map_future = self._blockmap_future(entry, st, deadline)
+        one; and whether any had to come from S3 (fetched now, or in flight). The map is asked for only
+        when a block comes from the cache (a run fetched here asks for it itself; one in flight that is the
+        whole object needs none: `_fetch_run`)."""
         got: dict[int, bytes] = {}
         waiting: dict[int, Future[bytes]] = {}
         missing: list[int] = []
@@ -560,7 +566,8 @@ class ObjectReader:
                 self._fetch_run(entry, st, run_first, run_last, futures, deadline)
         # Blocks from the cache were checked against the map when they were fetched; checked again here
         # (a block cached before this process knew the map, or damaged on disk behind a valid CRC).
-        blockmap = self._blockmap_result(entry, st, map_future, deadline)
+        blockmap = self._blockmap_result(entry, st, self._blockmap_future(entry, st, deadline), deadline) \
+            if got else None
         if blockmap is not None:
             for i, data in got.items():
                 if not blockmap.check_block(i, data):
@@ -600,34 +607,46 @@ class ObjectReader:
 
     def _fetch_run(self, entry: Entry, st: _ObjectState, first: int, last: int,
                    futures: dict[int, Future[bytes]], deadline: float) -> None:
-        """GET blocks first..last in one range (the block map beside it, the first time); check each block
-        against the map; resolve the futures; store the blocks; then try to complete the object.
+        """GET blocks first..last in one range; check them; resolve the futures; store the blocks; then try
+        to complete the object. A run that is the whole object (a bulk read: `_readahead`) is checked
+        against the sha256 before any block is handed out, and needs no block map; any other run is
+        checked block by block against the map (fetched beside it, the first time).
 
         The object's last block is handed out only after the completion attempt, so a reader cannot read
         an object to its end without the whole-object check when every block was at hand."""
         start = first * self.block_size
         end = min((last + 1) * self.block_size, entry.bytes)
+        nblocks = self.block_count(entry)
+        whole = first == 0 and last == nblocks - 1
+        verified: bytes | None = None
         try:
-            map_future = self._blockmap_future(entry, st, deadline)
+            map_future = None if whole else self._blockmap_future(entry, st, deadline)
             result = self._get(entry, entry.path, start, end, deadline)
-            blockmap = self._blockmap_result(entry, st, map_future, deadline)
+            if whole:
+                self._verify_whole(entry, result.data)
+                verified = result.data
+            blockmap = None if whole else self._blockmap_result(entry, st, map_future, deadline)
             view = memoryview(result.data)
             blocks: dict[int, bytes] = {}
             for i in range(first, last + 1):
                 lo = (i - first) * self.block_size
-                block = bytes(view[lo:lo + self.block_length(entry, i)])
+                hi = lo + self.block_length(entry, i)
+                if whole:
+                    blocks[i] = VerifiedBlock(view[lo:hi])
+                    continue
+                block = bytes(view[lo:hi])
                 if blockmap is not None and not blockmap.check_block(i, block):
                     self._integrity_failure(entry, f"block {i} does not match its block map")
                 blocks[i] = block
         except BaseException as exc:
             self._fail_futures(entry, futures, exc)
             return
-        final = last == self.block_count(entry) - 1
+        final = last == nblocks - 1
         for i in range(first, last if final else last + 1):
             futures[i].set_result(blocks[i])
         completed = False
         try:
-            completed = self._complete(entry, blocks)
+            completed = self._complete(entry, blocks, verified=verified)
         except BaseException as exc:
             if final:
                 self._fail_futures(entry, {last: futures[last]}, exc)
@@ -643,25 +662,30 @@ class ObjectReader:
         # them from memory instead of making another GET.
         self._forget(entry, futures)
 
-    def _complete(self, entry: Entry, fetched: dict[int, bytes]) -> bool:
+    def _complete(self, entry: Entry, fetched: dict[int, bytes], *, verified: bytes | None = None) -> bool:
         """THE place an object becomes complete: when every block is at hand (`fetched` from S3 just now,
         the others from the cache), assemble, verify against the sha256 and the CRCs of blocks served
-        before verification, and store it as a complete object. False when a block is missing (or the
-        disk is full); IntegrityError on a mismatch."""
+        before verification, and store it as a complete object. `verified`: the whole object, already
+        checked against its sha256 (fetched in one run). False when a block is missing (or the disk is
+        full); IntegrityError on a mismatch."""
         n = self.block_count(entry)
-        others = [i for i in range(n) if i not in fetched]
-        if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in others):
-            return False
-        parts: list[bytes] = []
-        for i in range(n):
-            block = fetched.get(i)
-            if block is None:
-                block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+        if verified is not None:
+            data = verified
+            parts = [fetched[i] for i in range(n)]
+        else:
+            others = [i for i in range(n) if i not in fetched]
+            if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in others):
+                return False
+            parts = []
+            for i in range(n):
+                block = fetched.get(i)
                 if block is None:
-                    return False
-            parts.append(block)
-        data = b"".join(parts)
-        self._verify_whole(entry, data)
+                    block = self.cache.get_block(entry.sha256, self.block_size, i, self.block_length(entry, i))
+                    if block is None:
+                        return False
+                parts.append(block)
+            data = b"".join(parts)
+            self._verify_whole(entry, data)
         served = self.cache.served_crcs(entry.sha256, self.block_size)
         for i, crc in served.items():
             if i < n and zlib.crc32(parts[i]) != crc:
