@@ -60,6 +60,7 @@ FIND_FIRST = ("s3fsimg", "rclone")
 WORKER_COUNTS = [1, 2, 4]
 WORKERS_LATENCY = 25
 PASS_READERS = 8
+PASS_REPEATS = 3  # passes 2 and 3 on each `--workers N` mount (the best counts)
 IMAGEFOLDER_WORKERS = 4
 HEADER_BYTES = 64 << 10
 HEADER_MIN = 1_000_000
@@ -435,7 +436,7 @@ def compare_blockmaps(lab: Lab, buckets: dict[bool, str], work: Path, objs: list
 def measure_workers(lab: Lab, bucket: str, work: Path, objs: list[Obj], latency: int, counts: list[int],
                     rounds: int) -> dict[int, Result]:
     """Cold read, pass 2 and pass 3 (PASS_READERS readers) on a fresh mount with `--workers N`, for each N;
-    rounds alternate the order of N."""
+    rounds alternate the order of N; passes 2 and 3 are the best of PASS_REPEATS on each mount."""
     out = {w: Result() for w in counts}
     total = sum(o.size for o in objs)
     for rnd in range(rounds):
@@ -447,9 +448,13 @@ def measure_workers(lab: Lab, bucket: str, work: Path, objs: list[Obj], latency:
                 if n != total:
                     res.bad.append(f"cold read with {w} workers: {n} bytes, expected {total}")
                 res.cold[PASS_READERS] = min(t, res.cold.get(PASS_READERS, t))
-                drop_page_cache()
-                t2 = read_counted(m, res, "pass 2", objs, PASS_READERS)[0]
-                t3 = read_counted(m, res, "pass 3", objs, PASS_READERS)[0]
+                # Passes 2 and 3 take well under a second each: the best of PASS_REPEATS per mount.
+                t2s, t3s = [], []
+                for _ in range(PASS_REPEATS):
+                    drop_page_cache()
+                    t2s.append(read_counted(m, res, "pass 2", objs, PASS_READERS)[0])
+                    t3s.append(read_counted(m, res, "pass 3", objs, PASS_READERS)[0])
+                t2, t3 = min(t2s), min(t3s)
                 res.pass2 = min(t2, res.pass2 or t2)
                 res.pass3 = min(t3, res.pass3 or t3)
                 res.rss_mb = max(res.rss_mb, m.peak_rss_mb())
@@ -803,7 +808,7 @@ def _report(sec: Section, results: dict[int, dict[str, Result]], local: Result, 
         "CPU s/GB: user + system CPU seconds of the mount process and its workers (/proc/PID/stat, read before "
         "and after each pass, children included), divided by the GB the pass served, summed over its rounds "
         "(10 ms clock ticks: the page-cache pass uses a few ticks). "
-        f"`--workers N` rows: a fresh mount at {WORKERS_LATENCY} ms per round, cold read then pass 2 and pass 3, "
+        f"`--workers N` rows: a fresh mount at {WORKERS_LATENCY} ms per round, cold read then pass 2 and pass 3 (the best of {PASS_REPEATS} each), "
         f"{'one round' if quick else 'two rounds in alternating order'}; the default (one worker per core, at "
         f"most 8) is {min(os.cpu_count() or 1, 8)} here. "
         "After find: a fresh mount, `find` over images/ first (so rclone has listed every directory), then the "
