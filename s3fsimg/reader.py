@@ -17,8 +17,10 @@ How a read is served (`read`):
 2. small objects (<= `whole_object_max`) and suspect ones: fetched whole (`fetch_path`), hashed, renamed
    into the cache; no byte is served before the sha256 matched;
 3. larger objects are read in fixed blocks (`block_size`), from the cache, from a GET in flight, or
-   fetched now (contiguous missing blocks in one ranged GET, `_fetch_run`). The object's block map
-   (`blocks/ab/cd/<sha256>`, written by the uploader) is fetched beside its first block and kept in
+   fetched now (contiguous missing blocks in one ranged GET, `_fetch_run`). A run that is the whole
+   object (a bulk first read: see `_readahead`) is checked against the sha256 before any block of it
+   is served (`VerifiedBlock`) and stored as the complete object. For any other run the object's block
+   map (`blocks/ab/cd/<sha256>`, written by the uploader) is fetched beside its first block and kept in
    the cache: with it, every block is checked against its SHA-256 before it is served or stored.
    Without one (another tool uploaded the object), blocks are served unverified (counted in
    `unverified_bytes`) and the CRC of every block served is recorded, so the read that completes the
