@@ -337,10 +337,14 @@ def test_daemon_mount_stats_and_umount(dataset: Dataset, mnt_dir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_unmounts_cleanly(dataset: Dataset, mnt_dir: Path) -> None:
-    m = MountProcess(mnt_dir, env=dataset.env).start()
+@pytest.mark.parametrize("workers", [1, None], ids=["one-process", "default-workers"])
+def test_sigterm_unmounts_cleanly(dataset: Dataset, mnt_dir: Path, workers: int | None) -> None:
+    m = MountProcess(mnt_dir, env=dataset.env, workers=workers).start()
     try:
         assert m.proc is not None
+        # requests answered first, so the loop's wait is the fast one (session.RequestWait) at the signal
+        for e in dataset.entries[:20]:
+            os.stat(mnt_dir / e.path)
         m.proc.send_signal(signal.SIGTERM)
         assert m.proc.wait(15) == 0, m.output()
         assert not is_mounted(mnt_dir)

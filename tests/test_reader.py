@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from s3fsimg.blockmap import BlockMap, blockmap_key
 from s3fsimg.config import Config
 from s3fsimg.dataset import Dataset
 from s3fsimg.errors import BackendError, IntegrityError, NotFound
 from s3fsimg.manifest import Entry
-from s3fsimg.reader import ObjectReader, block_span
+from s3fsimg.reader import BULK_READ, ObjectReader, block_span
 from s3fsimg.s3 import GetResult
 from tests.cacheworker import build_workset, cache_files, upload_dir
 from tests.checklogs import expect_logs
@@ -200,6 +201,38 @@ def test_sequential_reads_trigger_readahead(tmp_path: Path) -> None:
             time.sleep(0.01)
         path = reader.cache.object_path(entry.sha256, entry.ext)
         assert path is not None and path.read_bytes() == payload
+
+
+def test_a_bulk_first_read_gets_the_whole_object_once_verified_without_a_block_map(tmp_path: Path) -> None:
+    payload = hashlib.sha256(b"bulk").digest() * (1 << 15)  # 1 MiB, 256 blocks of 4 KiB
+    entry = make_entry(payload)
+    blockmap = BlockMap.of_bytes(payload, block_size=4096)
+    objects = {entry.path: payload, blockmap_key(entry.sha256): blockmap.to_bytes()}
+    reader, store = make_reader(tmp_path / "c", objects)
+    with reader:
+        assert reader.read(entry, 0, BULK_READ) == payload[:BULK_READ]
+        assert reader.read(entry, BULK_READ, len(payload)) == payload[BULK_READ:]
+        # One GET, the whole object; its map is not asked for (the sha256 checks every byte instead).
+        assert store.calls == [(entry.path, 0, len(payload))]
+        stats = reader.stats()
+        assert stats["unverified_bytes"] == 0 and stats["integrity_errors"] == 0
+        path = reader.cache.object_path(entry.sha256, entry.ext)
+        assert path is not None and path.read_bytes() == payload
+        assert not reader.cache.served_crcs(entry.sha256, 4096)
+
+
+def test_a_bulk_first_read_of_wrong_bytes_serves_none_of_them(tmp_path: Path) -> None:
+    payload = hashlib.sha256(b"bulk").digest() * (1 << 15)
+    entry = make_entry(payload)
+    wrong = bytearray(payload)
+    wrong[700_000] ^= 0x01  # in a block the read does not ask for
+    reader, _ = make_reader(tmp_path / "c", {entry.path: bytes(wrong)})
+    with reader, expect_logs(r"block map|sha256|verification", count=None):
+        with pytest.raises(IntegrityError):
+            reader.read(entry, 0, BULK_READ)
+        assert reader.cache.is_suspect(entry.sha256)
+        assert reader.cache.object_path(entry.sha256, entry.ext) is None
+        assert reader.stats()["integrity_errors"] == 1
 
 
 def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
