@@ -182,8 +182,7 @@ class Turn:
         self._exiting = False
         self._lock: trio.Lock | None = None
         self._calls = 0
-        self._share: Callable[[], bool] = (lambda: True) if os.environ.get("S3FSIMG_TURN") == "always" \
-            else Load().spare
+        self._share: Callable[[], bool] = lambda: True  # set per worker by `install`
 
     def pass_on(self) -> None:
         """Give the turn to the next reader if this process read the request being handled with it and
@@ -269,6 +268,8 @@ class Turn:
         """Route pyfuse3's waits in this process through the turn (and a new `session.RequestWait`), and
         pass the turn on when `ops` hands a request to a thread."""
         requests = session.install()
+        # Made here, after fork: `Load` samples this process's own CPU time.
+        self._share = (lambda: True) if os.environ.get("S3FSIMG_TURN") == "always" else Load().spare
 
         async def wait_fuse_readable() -> bool:
             return await self.wait_fuse_readable(requests)
