@@ -613,12 +613,9 @@ class DiskCache:
             sha = name.rsplit("/", 1)[1]
             if not _is_sha256(sha):
                 continue
-            try:
-                stored = (self.base / name).read_bytes()
-            except FileNotFoundError:
+            stored = self._read_for_verify(name)
+            if stored is None:
                 continue
-            except OSError:
-                stored = b""
             tell(len(stored))
             report.maps += 1
             if self._parse_map(sha, stored) is None:
@@ -642,12 +639,9 @@ class DiskCache:
             _, bs_text, _, sha, index_text = name.split("/")
             if not (bs_text.isdigit() and index_text.isdigit() and _is_sha256(sha)):
                 continue
-            try:
-                raw = (self.base / name).read_bytes()
-            except FileNotFoundError:
+            raw = self._read_for_verify(name)
+            if raw is None:
                 continue
-            except OSError:
-                raw = b""
             tell(len(raw))
             report.blocks += 1
             if blockmap is None or blockmap.sha256 != sha:
@@ -673,6 +667,16 @@ class DiskCache:
                     yield from walk(f"{rel}/{entry.name}", level + 1)
 
         yield from walk(tree, 1)
+
+    def _read_for_verify(self, name: str) -> bytes | None:
+        """A file's bytes for `verify`: None when it is gone (evicted meanwhile), b"" when it cannot be
+        read (so it fails its check and is removed)."""
+        try:
+            return (self.base / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return b""
 
     def _verify_object(self, name: str, sha256: str, tell: Callable[[int], object]) -> bool | None:
         """Whether a complete object hashes to its name (re-stamped when it does and its stamp was

@@ -294,6 +294,23 @@ class _Upstream:
         self.rfile = None
 
 
+
+def _close_listener(lst: socket.socket | None) -> None:
+    """Stop a listening socket (its accept loop then ends)."""
+    if lst is not None:
+        with contextlib.suppress(OSError):
+            lst.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            lst.close()
+
+
+def _shut_all(socks: list[socket.socket]) -> None:
+    """Shut every connection down (their threads then end)."""
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
 class ProxyServer:
     """The proxy's listening sockets, connection threads, counters and faults (inside the proxy process)."""
 
@@ -364,16 +381,10 @@ class ProxyServer:
     def _close_data_port(self) -> None:
         with self._data_lock:
             lst, self.data_listener = self.data_listener, None
-            if lst is not None:
-                with contextlib.suppress(OSError):
-                    lst.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    lst.close()
+            _close_listener(lst)
             with self._slock:
                 victims = list(self._data_socks)
-            for s in victims:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+            _shut_all(victims)
 
     def _open_data_port(self) -> None:
         with self._data_lock:
@@ -399,16 +410,10 @@ class ProxyServer:
             for af in self.faults:
                 af.released.set()
         for lst in (self.control_listener, self.data_listener):
-            if lst is not None:
-                with contextlib.suppress(OSError):
-                    lst.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    lst.close()
+            _close_listener(lst)
         with self._slock:
             socks = list(self._socks)
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+        _shut_all(socks)
 
     # ---- faults --------------------------------------------------------------------------------
     def set_faults(self, faults: list[Fault]) -> None:
