@@ -247,10 +247,6 @@ def test_two_mounts_and_ten_processes_on_one_cache_under_eviction(workset: Works
     assert workset.total > bound  # eviction had to run
 
 
-@pytest.mark.xfail(strict=False, reason="a path fetch returns can be evicted by another process before it is "
-                                        "opened when every file in the cache was used in the last 10 s (the bound "
-                                        "is a quarter of what the processes use): 1 in 1,020 after the grace rule, "
-                                        "2-3 before it; README 'What we chose'")
 @pytest.mark.timeout(300)
 def test_ten_fetching_processes_under_eviction_can_open_every_path_they_get(
         workset: Workset, s3_env: dict[str, str], proxy: Any, tmp_path: Path) -> None:
@@ -265,7 +261,11 @@ def test_ten_fetching_processes_under_eviction_can_open_every_path_they_get(
     fetched = [collect(p, 240) for p in fetchers]
     assert [r["bad"] for r in fetched] == [[]] * 10  # never a wrong byte
     errors = [e for r in fetched for e in r["errors"]]
-    assert errors == [], f"{len(errors)} failed fetches, first: {errors[:3]}"
+    if errors:  # the known limit; a wrong byte above is never excused
+        pytest.xfail(f"{len(errors)} failed fetches, first: {errors[:3]}: a path fetch returns can be evicted by "
+                     "another process before it is opened when every file in the cache was used in the last 10 s "
+                     "(the bound is a quarter of what the processes use): 1 in 1,020 after the grace rule, 2-3 "
+                     "before it; README 'What we chose'")
 
 
 @pytest.mark.timeout(120)

@@ -331,6 +331,20 @@ def test_every_name_an_index_lists_is_inside_the_tree(work: Path, entries: list[
                    and p[0] not in (b"by-id", b"by-path"))
 
 
+@pytest.mark.parametrize("entries", [
+    [good(0, source_path="x" * 300 + "/" + "é" * 150, logical_id="a" * 255)],
+    [good(0, source_path="e\u0301"), good(1, source_path="\u00e9"), good(2, logical_id="\u202eevil")],
+], ids=["long-names", "lookalike-names"])
+def test_odd_but_valid_names_build_and_list(work: Path, entries: list[dict[str, Any]]) -> None:
+    """The property test above accepts a refusal with a clear message; these manifests must build."""
+    m = _fresh(work)
+    m.write_bytes(b"".join(_encode(e, False) + b"\n" for e in entries))
+    built = build_or_error(m, work / "idx" / "i.sqlite")
+    assert not isinstance(built, str), built
+    with built as index:
+        assert {name for name, _child, _key in index.readdir(ROOT_INODE)} >= {b"images", b"by-path"}
+
+
 # ------------------------------------------------------------------------- 3. the logical map
 
 

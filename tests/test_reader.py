@@ -227,7 +227,7 @@ def test_a_bulk_first_read_of_wrong_bytes_serves_none_of_them(tmp_path: Path) ->
     wrong = bytearray(payload)
     wrong[700_000] ^= 0x01  # in a block the read does not ask for
     reader, _ = make_reader(tmp_path / "c", {entry.path: bytes(wrong)})
-    with reader, expect_logs(r"block map|sha256|verification", count=None):
+    with reader:
         with pytest.raises(IntegrityError):
             reader.read(entry, 0, BULK_READ)
         assert reader.cache.is_suspect(entry.sha256)
