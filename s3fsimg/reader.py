@@ -27,8 +27,9 @@ How a read is served (`read`):
    object fails when the kernel may hold bytes other than the verified ones.
 Read-ahead policy (`_readahead`) lives here, per object: a sequential read schedules the following
 blocks in background threads, in a window that doubles from 4 blocks up to `max_readahead`.
-Object completion (`_complete`) is decided in one place: after every ranged GET, when every block is
-at hand, the object is assembled, its sha256 checked, and it becomes a complete object. A mismatch
+Object completion (`_complete`) is decided in one place: after every ranged GET (and again once its
+blocks are stored, so that of two runs ending together the later one completes), when every block is at
+hand, the object is assembled, its sha256 checked, and it becomes a complete object. A mismatch
 marks it suspect (in the cache, for every process), drops its blocks, tells the filesystem that the
 kernel's pages of it are not to be trusted (`on_untrusted_pages`), and fails the read.
 
@@ -105,7 +106,9 @@ class _Descriptor:
 
 @dataclass
 class _ObjectState:
-    """What this process knows of one object (see the module docstring). Guarded by `ObjectReader._lock`."""
+    """What this process knows of one object (see the module docstring). Guarded by `ObjectReader._lock`,
+    except `memory` (only ever set to the verified object's bytes) and `served` (only ever grows, by `_record_served`:
+    a race at worst records a CRC twice)."""
 
     descriptor: _Descriptor | None = None  # of the complete object
     memory: bytes | None = None  # the verified object, when the cache could not store it
@@ -259,12 +262,15 @@ class ObjectReader:
             return 0
         return self.cache.failure_count(entry.sha256) & GENERATION_MASK
 
+    def _generation_changed(self, entry: Entry, opened_at: int | None) -> bool:
+        """Whether the object failed verification (in any process) since the file was opened."""
+        return opened_at is not None and self.failure_generation(entry) != opened_at
+
     def _check_generation(self, entry: Entry, opened_at: int | None) -> None:
         """An open file that may have been served bytes of an object that has failed verification since
         never reads on as if nothing happened: its reads fail (a new open reads the object whole and
         verified). This is what a file remembers per open, in its handle: no state is kept per open."""
-        if opened_at is not None and entry.bytes > self.whole_object_max \
-                and self.failure_generation(entry) != opened_at:
+        if self._generation_changed(entry, opened_at):
             raise IntegrityError(f"{self.store.where(entry.path)}: failed verification while being read")
 
     # -- the read ------------------------------------------------------------------------------------
@@ -312,16 +318,19 @@ class ObjectReader:
         large enough (a view of it is returned: the caller reuses one buffer), else into a new one."""
         if not _HAVE_NOWAIT:
             return None
-        if opened_at is not None and entry.bytes > self.whole_object_max \
-                and self.failure_generation(entry) != opened_at:
-            return None  # `read` raises
         size = min(size, entry.bytes - offset)
         if size <= 0 or offset < 0:
             return None
         with self._lock:
             st = self._states.get(entry.sha256)
-            desc = st.descriptor if st is not None else None
-            if desc is None or not unchanged_since_verified(desc.fd):
+            if st is None or st.descriptor is None:
+                return None
+            desc = st.descriptor
+        # Only with a descriptor at hand (else `read` checks it, once); `read` raises when it changed.
+        if self._generation_changed(entry, opened_at):
+            return None
+        with self._lock:
+            if st.descriptor is not desc or not unchanged_since_verified(desc.fd):
                 return None
             desc.users += 1
         buf = memoryview(into)[:size] if into is not None and len(into) >= size else bytearray(size)
@@ -493,7 +502,7 @@ class ObjectReader:
         first, last = block_span(offset, size, bs)
         ahead = self._readahead(entry, st, offset, size, first, last)
         if ahead is not None:
-            self._fetch_ahead(entry, *ahead)
+            self._fetch_ahead(entry, st, *ahead)
         blocks, fetched = self._blocks(entry, st, first, last, self._deadline())
         blockmap = self._blockmap_now(st)
         if blockmap is None and not all(isinstance(b, VerifiedBlock) for b in blocks):
@@ -527,7 +536,7 @@ class ObjectReader:
                 return first, last + (rest if rest <= window_max else st.window)
         return None
 
-    def _fetch_ahead(self, entry: Entry, first: int, last: int) -> None:
+    def _fetch_ahead(self, entry: Entry, st: _ObjectState, first: int, last: int) -> None:
         """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
         if self._closed:
             return
@@ -537,7 +546,6 @@ class ObjectReader:
         if not wanted:
             return
         deadline = self._deadline()
-        st = self._state(entry.sha256)
         for run_first, run_last, futures in self._claim(entry, wanted, {}):
             self.counters.add("readahead_requests")
             self._pool.submit(self._fetch_run, entry, st, run_first, run_last, futures, deadline)
@@ -646,18 +654,19 @@ class ObjectReader:
         final = last == nblocks - 1
         for i in range(first, last if final else last + 1):
             futures[i].set_result(blocks[i])
-        completed = False
         try:
-            completed = self._complete(entry, blocks, verified=verified)
+            if not self._complete(entry, blocks, verified=verified):
+                for i, block in blocks.items():
+                    if not self.cache.put_block(entry.sha256, self.block_size, i, block):
+                        self.counters.add("uncached_writes")
+                # Another run of this object may have looked for these blocks before they were stored, as
+                # this one did for its: look again now that they are (the run that stores last completes).
+                self._complete(entry, blocks)
         except BaseException as exc:
             if final:
                 self._fail_futures(entry, {last: futures[last]}, exc)
             self._forget(entry, futures)
             return
-        if not completed:
-            for i, block in blocks.items():
-                if not self.cache.put_block(entry.sha256, self.block_size, i, block):
-                    self.counters.add("uncached_writes")
         if final:
             futures[last].set_result(blocks[last])
         # Futures stay in `_inflight` until the bytes are on disk, so a read arriving meanwhile takes
@@ -665,17 +674,19 @@ class ObjectReader:
         self._forget(entry, futures)
 
     def _complete(self, entry: Entry, fetched: dict[int, bytes], *, verified: bytes | None = None) -> bool:
-        """THE place an object becomes complete: when every block is at hand (`fetched` from S3 just now,
-        the others from the cache), assemble, verify against the sha256 and the CRCs of blocks served
-        before verification, and store it as a complete object. `verified`: the whole object, already
-        checked against its sha256 (fetched in one run). False when a block is missing (or the disk is
-        full); IntegrityError on a mismatch."""
+        """THE place an object read by blocks becomes complete (`fetch_path` stores whole fetches): after
+        each ranged GET (twice when its blocks had to be stored first), when every block is at hand
+        (`fetched` from S3 just now, the others from the cache), assemble, verify against the sha256 and
+        the CRCs of blocks served before verification, and store it as a complete object. `verified`: the
+        whole object, already checked against its sha256 (fetched in one run). False when a block is
+        missing (or the disk is full); IntegrityError on a mismatch."""
         n = self.block_count(entry)
         if verified is not None:
             data = verified
             parts = [fetched[i] for i in range(n)]
         else:
-            others = [i for i in range(n) if i not in fetched]
+            # From the end: in a sequential read the missing blocks are the later ones (one stat, not n).
+            others = [i for i in range(n - 1, -1, -1) if i not in fetched]
             if not all(self.cache.has_block(entry.sha256, self.block_size, i) for i in others):
                 return False
             parts = []

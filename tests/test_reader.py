@@ -235,6 +235,25 @@ def test_a_bulk_first_read_of_wrong_bytes_serves_none_of_them(tmp_path: Path) ->
         assert reader.stats()["integrity_errors"] == 1
 
 
+def test_an_object_read_to_its_end_by_blocks_always_completes(tmp_path: Path) -> None:
+    """Runs of one object ending together each looked for the other's blocks before they were stored, so
+    none completed it and no later read did either (1 run in 4 at 128 MiB): the object stayed in blocks
+    without its whole-object check. The run that stores last now completes it."""
+    payload = hashlib.sha256(b"runs").digest() * (1 << 20)  # 32 MiB, 512 blocks of 64 KiB, no block map
+    entry = make_entry(payload)
+    for attempt in range(3):
+        reader, _ = make_reader(tmp_path / f"c{attempt}", {entry.path: payload}, block_size=1 << 16)
+        with reader:
+            for off in range(0, len(payload), 128 << 10):
+                assert reader.read(entry, off, 128 << 10) == payload[off:off + (128 << 10)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and reader.cache.object_path(entry.sha256, entry.ext) is None:
+                time.sleep(0.02)
+            path = reader.cache.object_path(entry.sha256, entry.ext)
+            assert path is not None, f"attempt {attempt}: every block read, the object never completed"
+            assert path.read_bytes() == payload
+
+
 def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
     payload = bytes(range(256)) * 1024  # 256 KiB
     entry = make_entry(payload)
