@@ -84,7 +84,7 @@ from typing import Any
 from s3fsimg.blockmap import BlockMap
 from s3fsimg.config import private_dirs
 from s3fsimg.errors import BackendError, CacheError, IntegrityError
-from s3fsimg.files import atomic_write, flock, locked
+from s3fsimg.files import atomic_write, flock, locked, open_lock_file
 from s3fsimg.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,10 @@ class DiskCache:
         return self.ledger.closed
 
     def _empty_trees(self) -> None:
-        """The counted trees emptied: each renamed aside (one step, so no reader sees half of it),
-        made again (0700), and the old one removed."""
+        """The counted trees and the integrity markers (suspect, served, failures, gave-up) emptied: each
+        renamed aside (one step, so no reader sees half of it), made again (0700), and the old one removed.
+        With failures/ gone every object's failure generation is 0 again, so a file opened before with
+        another generation fails its next reads (as after a failure: a new open reads on)."""
         for sub in (*_COUNTED_TREES, *_MARKER_TREES):
             doomed = self.base / "tmp" / f"{self.pid}-empty-{secrets.token_hex(4)}"
             with contextlib.suppress(FileNotFoundError):
@@ -276,10 +278,6 @@ class DiskCache:
     def path(self, name: str) -> Path:
         return self.base / name
 
-    def touch(self, name: str) -> None:
-        """Mark a file as used (LRU), batched: see `Ledger.touch`."""
-        self.ledger.touch(name)
-
     # -- complete objects --------------------------------------------------------------------------
     def object_path(self, sha256: str, ext: str) -> Path | None:
         """The path of a complete, verified object, or None. Marks it used."""
@@ -341,12 +339,6 @@ class DiskCache:
         if not self._write_file(name, data, fsync=False, stamp=True):
             return None
         return self.base / name
-
-    def new_tmp(self) -> tuple[int, Path]:
-        """An open, new temp file (0600) in tmp/: (fd, path)."""
-        path = self._tmp_name()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        return fd, path
 
     def _tmp_name(self) -> Path:
         """A new name in tmp/, starting with this process's pid (see `_clean_tmp`)."""
@@ -429,7 +421,7 @@ class DiskCache:
                 if exc.errno == errno.ENOSPC and attempt == 1:
                     log.warning("cache: disk full in %s; evicting and retrying once", self.root)
                     with contextlib.suppress(sqlite3.Error):
-                        self.evict(extra=max(len(payload) * 4, 8 << 20), force_fraction=0.1)
+                        self.ledger.evict(extra=max(len(payload) * 4, 8 << 20), force_fraction=0.1)
                     continue
                 log.warning("cache: cannot store %s (%s); serving it without caching", name, exc.strerror)
                 return False
@@ -439,10 +431,6 @@ class DiskCache:
                 log.warning("cache: cannot record %s in the ledger (%s); serving it without caching", name, exc)
                 return False
         return False
-
-    def evict(self, extra: int = 0, force_fraction: float = 0.0) -> int:
-        """Evict until total + extra <= max_bytes (and at least force_fraction of the total). Returns bytes freed."""
-        return self.ledger.evict(extra, force_fraction)
 
     def _drop(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -549,10 +537,10 @@ class DiskCache:
         path = self._served_path(sha256, block_size)
         try:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = open_lock_file(path)
             except FileNotFoundError:
                 private_dirs(Path(path).parent)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = open_lock_file(path)
             try:
                 flock(fd)
                 old = os.pread(fd, _SERVED.size, index * _SERVED.size)

@@ -142,7 +142,9 @@ class Dataset:
         from s3fsimg.units import format_size
 
         entries = [self.resolve(i) for i in idents]
-        total = sum({e.sha256: e.bytes for e in entries}.values())
+        from s3fsimg.warm import distinct
+
+        total = sum(e.bytes for e in distinct(entries))
         if total > self.config.cache_max_bytes:
             raise UsageError(f"the {len(entries)} images asked ({format_size(total)}) do not fit in the cache "
                              f"bound ({format_size(self.config.cache_max_bytes)}, DATASET_CACHE_MAX_BYTES): "

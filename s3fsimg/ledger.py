@@ -19,8 +19,8 @@ Invariants (with the file store's, in cache.py's docstring):
   batches (`touch`): the LRU order is precise to seconds while a process is busy; an idle process's
   last uses are written at its next use, eviction or close.
 - Eviction (least recently used first, this process's pending uses counted first) unlinks files and
-  deletes their rows in one transaction; a file this process has pinned (`pinned`: being written or
-  read right now) is skipped. A reader that already has an evicted file open keeps reading it.
+  deletes their rows in one transaction; a file this process has pinned (`pinned`: being written right
+  now) is skipped. A reader that already has an evicted file open keeps reading it.
 - A ledger that is not a database counts nothing, so the files it counted would be outside the
   bound: it is reset together with every counted file (`drop_all_files`), and only when no other
   process has the cache open (its connection would go on counting into the unlinked file).

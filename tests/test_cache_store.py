@@ -274,7 +274,8 @@ def test_a_stamped_temp_file_of_a_live_process_is_not_cleaned(tmp_path: Path) ->
     for day-old leftovers."""
     root = tmp_path / "cache"
     with DiskCache(root, 1 << 20) as cache:
-        fd, tmp = cache.new_tmp()
+        tmp = cache._tmp_name()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, b"x")
         os.utime(fd, ns=(STAMP_NS, STAMP_NS))
         os.close(fd)
