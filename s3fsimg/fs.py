@@ -3,9 +3,10 @@
 It is given an open `Index` (names, inodes, sizes: every listing, lookup, stat and xattr is answered
 from it, never from S3) and a reader (`ObjectReader`, see docs/architecture.md) through `__init__`;
 `mount.py` builds both (and a worker of a multi-process mount swaps in its own with `after_fork`).
-A file handle is the inode: nothing is kept per open, so any process serving the mount can answer
-any request. A read is `reader.read_nowait(entry, ...)` on the trio loop when the bytes are page-cached,
-else `reader.read(entry, ...)` in a worker thread (`trio.to_thread.run_sync`, bounded by a
+A file handle is the inode (and the object's failure generation in its high bits): nothing else is
+kept per open, so any process serving the mount can answer any request. A read is
+`reader.read_nowait(entry, ...)` on the trio loop when the bytes are page-cached, else
+`reader.read(entry, ...)` in a worker thread (`trio.to_thread.run_sync`, bounded by a
 CapacityLimiter), so a read waiting on S3 never blocks listings, stats or reads of cached data.
 
 The filesystem is read-only: every write operation fails with EROFS, and `open` refuses write flags

@@ -36,7 +36,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import stat
 import subprocess
 from collections.abc import Callable
@@ -54,12 +53,12 @@ from s3fsimg.workers import (
     Turn,
     Workers,
     abort_connection,
-    connection_dir,
     default_workers,
     hold_stop_signals,
     reap_all,
     serve_until_init,
     start_workers,
+    stop_signals,
     supervise,
     wait_ready,
     worker_main,
@@ -101,12 +100,16 @@ CONGESTION_THRESHOLD = 48
 _FUSECTL = Path("/sys/fs/fuse/connections")
 
 
+def connection_dir(mountpoint: Path) -> Path:
+    """The fusectl directory of the mount at `mountpoint` (stat it while the mount answers)."""
+    return _FUSECTL / str(os.minor(os.stat(mountpoint).st_dev))
+
+
 def set_background_limit(mountpoint: Path) -> bool:
     """Raise the connection's max_background through fusectl (root only; mounts fusectl when it is
     not, as systemd does at boot); best effort: False when not permitted."""
     try:
-        minor = os.minor(os.stat(mountpoint).st_dev)
-        conn = _FUSECTL / str(minor)
+        conn = connection_dir(mountpoint)
         if not conn.is_dir() and os.geteuid() == 0 and not any(_FUSECTL.iterdir()):
             subprocess.run(["mount", "-t", "fusectl", "fusectl", str(_FUSECTL)], capture_output=True, timeout=10,
                            check=False)
@@ -348,7 +351,18 @@ def _serve(config: Config, mp: Path, *, allow_other: bool, ready: _Ready) -> int
 
 async def _main(ready: _Ready, mp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals)
+        stopping = False
+
+        def on_signal(signum: int) -> None:
+            # Once: later signals are absorbed while the loop finishes (reads in threads may take up to
+            # the read deadline); they no longer kill the process before it unmounts.
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                log.info("signal %d: unmounting", signum)
+                session.terminate()
+
+        nursery.start_soon(stop_signals, on_signal)
 
         async def fuse() -> None:
             await pyfuse3.main()
@@ -364,14 +378,6 @@ async def _main(ready: _Ready, mp: Path) -> None:
         set_readahead(mp)
         await trio.to_thread.run_sync(set_background_limit, mp)
         ready.report("ready")
-
-
-async def _on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            session.terminate()
-            return
 
 
 # -- several processes (see s3fsimg/workers.py) -------------------------------------------------

@@ -70,6 +70,10 @@ class RequestWait:
         self._calls += 1
         if self._calls % YIELD_EVERY == 0:
             await trio.lowlevel.checkpoint()
+        return await self.wait_polled()
+
+    async def wait_polled(self) -> bool:
+        """`wait` without its periodic yield (for a caller that yields itself: the turn)."""
         while True:
             if self.closed:
                 return False
@@ -92,12 +96,13 @@ class RequestWait:
         self.closed = True
 
 
-def install() -> RequestWait:
-    """Route pyfuse3's waits in this process through a new `RequestWait` (call after fork, before
-    `pyfuse3.main`)."""
+def install(*, hook: bool = True) -> RequestWait:
+    """A new `RequestWait` for this process (call after fork, before `pyfuse3.main`); with `hook`, pyfuse3's
+    waits go through it (the turn of workers.py hooks its own wait instead, around this one)."""
     global _current
     _current = RequestWait(session_fd())
-    pyfuse3._wait_fuse_readable = _current.wait  # type: ignore[attr-defined]
+    if hook:
+        pyfuse3._wait_fuse_readable = _current.wait  # type: ignore[attr-defined]
     return _current
 
 

@@ -5,8 +5,8 @@ until the kernel's INIT has been answered (`serve_until_init`): libfuse keeps "i
 process's memory, and a process forked before INIT answers every request with EIO. It then stops its
 loop between two requests and forks N workers (`start_workers`); each builds its own index connection,
 cache, S3 client and threads (SQLite connections, sockets and thread pools do not survive fork) and
-runs `trio.run(pyfuse3.main)` on the inherited /dev/fuse descriptor. The kernel hands each request to
-the one process that reads it.
+runs `trio.run(worker_main)` (pyfuse3's loop behind the turn) on the inherited /dev/fuse descriptor.
+The kernel hands each request to the one process that reads it.
 
 The turn. pyfuse3 reads /dev/fuse holding the GIL, in blocking mode, after trio said the descriptor is
 readable. With several processes polling one descriptor, every request wakes them all and all but one
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 #: Upper bound of the default number of workers (`DATASET_MOUNT_WORKERS`).
 MAX_DEFAULT_WORKERS = 8
-_FUSECTL = Path("/sys/fs/fuse/connections")
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Stop signals that came while no trio loop was listening (see `hold_stop_signals`).
@@ -81,7 +80,7 @@ def _remember_stop(signum: int, frame: object) -> None:
     _pending_stop.append(signum)
 
 
-async def _stop_signals(on_signal: Callable[[int], None]) -> None:
+async def stop_signals(on_signal: Callable[[int], None]) -> None:
     """Call `on_signal` for a remembered stop signal, then for each one that comes."""
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         if _pending_stop:
@@ -118,7 +117,7 @@ async def serve_until_init(mp: Path, after_init: Callable[[], None]) -> bool:
                 pyfuse3.terminate()
 
         nursery.start_soon(fuse)
-        nursery.start_soon(_stop_signals, on_signal)
+        nursery.start_soon(stop_signals, on_signal)
         # A stat of the root returns once INIT is answered (the loop above serves both).
         with contextlib.suppress(OSError):
             await trio.to_thread.run_sync(os.stat, mp)
@@ -180,7 +179,7 @@ class Turn:
         self._owned = False  # this process took the byte
         self._granted = False  # ... and pyfuse3 is reading (or has read) a request with it
         self._exiting = False
-        self._lock: trio.Lock | None = None
+        self._lock = trio.Lock()  # one task of this process waits for the turn at a time
         self._calls = 0
         self._share: Callable[[], bool] = lambda: True  # set per worker by `install`
 
@@ -233,14 +232,12 @@ class Turn:
             # This process kept the turn (the last request was answered on the loop), no other task of
             # it waits with the turn, and a request is queued: read it now, as `RequestWait.wait` does.
             return True
-        if self._lock is None:
-            self._lock = trio.Lock()
         # One task of this process waits for the turn (trio allows one waiter per descriptor); the others
-        # queue on the lock. pyfuse3 counts only tasks inside `wait` as idle, so it starts tasks until
-        # max_tasks (99) are queued here: a few KB each, and no task is started or ended per request
-        # (ending a task whenever another waited, as before, made pyfuse3 start one for nearly every
-        # request: measured on 312 small images, 8 readers, 2 workers against 1, the page-cache pass went
-        # from ~0.7x to ~0.87x, the disk-cache pass from ~0.78x to ~0.85x, find+stat from ~1x to ~1.2x).
+        # queue on the lock. pyfuse3 counts idle tasks only inside its own `_wait_fuse_readable`, which
+        # this replaces: it sees none, starts a task after each read until max_tasks (99), and never ends
+        # one. They wait here, a few KB each; no task is started or ended per request (ending one whenever
+        # another waited made pyfuse3 start one for nearly every request: 2 workers ÷ 1 on 312 small
+        # images went from ~0.7x to ~0.87x on the page-cache pass when that stopped).
         await self._lock.acquire()
         try:
             if self._exiting:
@@ -251,7 +248,7 @@ class Turn:
                 self._exiting = True
                 return False
             try:
-                ready = await requests.wait()
+                ready = await requests.wait_polled()
             except BaseException:
                 self._give()
                 raise
@@ -267,7 +264,7 @@ class Turn:
     def install(self, ops: Any) -> None:
         """Route pyfuse3's waits in this process through the turn (and a new `session.RequestWait`), and
         pass the turn on when `ops` hands a request to a thread."""
-        requests = session.install()
+        requests = session.install(hook=False)
         # Made here, after fork: `Load` samples this process's own CPU time.
         self._share = (lambda: True) if os.environ.get("S3FSIMG_TURN") == "always" else Load().spare
 
@@ -352,18 +349,13 @@ async def worker_main(turn: Turn, ready: Callable[[], None]) -> None:
                 turn.stop()
                 session.terminate()
 
-        nursery.start_soon(_stop_signals, on_signal)
+        nursery.start_soon(stop_signals, on_signal)
         ready()
         try:
             await pyfuse3.main()
         finally:
             turn.leave()
         nursery.cancel_scope.cancel()
-
-
-def connection_dir(mp: Path) -> Path:
-    """The fusectl directory of the mount at `mp` (stat it while the mount answers)."""
-    return _FUSECTL / str(os.minor(os.stat(mp).st_dev))
 
 
 def abort_connection(conn: Path | None) -> bool:
@@ -435,7 +427,7 @@ async def supervise(workers: Workers, conn: Path | None, *, stop_timeout: float)
 
         for w in workers.items:
             nursery.start_soon(watch, w)
-        nursery.start_soon(_stop_signals, on_signal)
+        nursery.start_soon(stop_signals, on_signal)
     return failure
 
 
