@@ -122,6 +122,12 @@ def _sha256_of(fd: int) -> str:
 _HEX64 = frozenset("0123456789abcdef")
 
 
+def stamp_verified(fd: int) -> None:
+    """Mark an open complete object as verified: its mtime becomes STAMP_NS (see
+    `unchanged_since_verified`)."""
+    os.utime(fd, ns=(time.time_ns(), STAMP_NS))
+
+
 def unchanged_since_verified(fd: int) -> bool:
     """Whether an open complete object still has the mtime it was stamped with when it was verified (one
     fstat): any write to it since (damage on disk, a stray editor) changes it. False when it cannot tell."""
@@ -318,7 +324,7 @@ class DiskCache:
             if intact:
                 os.lseek(fd, 0, os.SEEK_SET)
                 with contextlib.suppress(OSError):
-                    os.utime(fd, ns=(time.time_ns(), STAMP_NS))
+                    stamp_verified(fd)
                 return fd
         except OSError:  # unreadable: a miss
             intact = True  # (nothing known against it: left in place)
@@ -411,7 +417,7 @@ class DiskCache:
                     with atomic_write(final, tmp=self._tmp_name(), fsync=fsync) as pending:
                         pending.write(payload)
                         if stamp:
-                            os.utime(pending.fd, ns=(time.time_ns(), STAMP_NS))
+                            stamp_verified(pending.fd)
                         self.ledger.record(name, len(payload))
                         private_dirs(final.parent)
                     if not self.ledger.counts(name):
@@ -681,7 +687,7 @@ class DiskCache:
             intact = _sha256_of(fd) == sha256
             if intact and st.st_mtime_ns != STAMP_NS:
                 with contextlib.suppress(OSError):
-                    os.utime(fd, ns=(time.time_ns(), STAMP_NS))
+                    stamp_verified(fd)
             return intact
         except OSError:  # an I/O error reading it: not servable
             return False

@@ -288,10 +288,12 @@ class Operations(pyfuse3.Operations):
         inode, opened_at = fh & _INODE_MASK, fh >> _HANDLE_SHIFT
         if inode == MANIFEST_INODE:
             return await self._read_manifest(off, size)
-        where = f"inode {inode}"
         try:
             entry = self._object_entry(inode)
-            where = entry.path
+        except Exception as exc:  # the reader counts the failures of its reads; this one is ours
+            self.reader.counters.add("read_errors")
+            raise self._fail(exc, f"inode {inode}") from None
+        try:
             # Page-cached: no thread, and no new buffer (see REPLY_BUFFER).
             data = self.reader.read_nowait(entry, off, size, opened_at=opened_at, into=self._reply_buffer)
             if data is None:
@@ -301,7 +303,7 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             if not isinstance(exc, S3fsimgError):  # the reader counts its own
                 self.reader.counters.add("read_errors")
-            raise self._fail(exc, where) from None
+            raise self._fail(exc, entry.path) from None
         return data
 
     async def _read_manifest(self, off: int, size: int) -> bytes:
@@ -313,6 +315,7 @@ class Operations(pyfuse3.Operations):
             data: bytes = await trio.to_thread.run_sync(os.pread, self._manifest_fd, size, off,
                                                         limiter=self.limiter)
         except Exception as exc:
+            self.reader.counters.add("read_errors")
             raise self._fail(exc, str(self.manifest_path)) from None
         self.reader.counters.add_many({"reads": 1, "bytes_read": len(data)})
         return data

@@ -193,9 +193,9 @@ def _sha_from_name(name: bytes) -> tuple[bytes, bytes] | None:
     return bytes.fromhex(name[:64].decode("ascii")), name[65:]
 
 
-def _object_name(sha: bytes, content_type: str) -> bytes:
+def _object_name(hexsha: str, content_type: str) -> bytes:
     """The name of an object in images/ab/cd and by-id/<id>: `<sha256>.<ext>`."""
-    return f"{bytes(sha).hex()}.{extension_for(content_type)}".encode()
+    return f"{hexsha}.{extension_for(content_type)}".encode()
 
 
 #: A directory listing: (name, attributes, key) per child, in key order; the key resumes after the child.
@@ -362,7 +362,8 @@ class _ImagesAbcd(_Kind):
                               (lo, hi, _PAGE)).fetchall()
             for i, size, nlink, sha, ctype in rows:
                 child = OBJ_BASE + i
-                yield _object_name(sha, ctype), Attr(child, False, size, nlink, bytes(sha).hex()), child
+                hexsha = bytes(sha).hex()
+                yield _object_name(hexsha, ctype), Attr(child, False, size, nlink, hexsha), child
             if len(rows) < _PAGE:
                 return
             lo, op = rows[-1][3], ">"
@@ -459,13 +460,14 @@ class _IdDir(_Kind):
             (n, after)).fetchall()
         seen: set[bytes] = set()
         for i, sha, ctype, child, size, nlink in rows:
-            name = _object_name(sha, ctype)
+            hexsha = bytes(sha).hex()
+            name = _object_name(hexsha, ctype)
             if name in seen or db.execute("SELECT 1 FROM entries WHERE logical_id = (SELECT logical_id FROM "
                                           "entries WHERE id=?) AND sha256=? AND id<? LIMIT 1",
                                           (n, sha, i)).fetchone():
                 continue
             seen.add(name)
-            yield name, Attr(child, False, size, nlink, bytes(sha).hex()), i + 1
+            yield name, Attr(child, False, size, nlink, hexsha), i + 1
 
     def parent(self, n: int) -> int | None:
         return BY_ID_INODE if self._exists(n) else None

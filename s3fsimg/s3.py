@@ -113,9 +113,8 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, IntegrityError):
         return False
     if isinstance(exc, bexc.ClientError):
-        err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return str(err.get("Code", "")) in _RETRYABLE_CODES or int(status) >= 500
+        return _error_code(exc) in _RETRYABLE_CODES or int(status) >= 500
     return isinstance(exc, bexc.BotoCoreError | OSError | _ShortRead)
 
 
