@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 
 from s3fsimg.errors import ConfigError, quoted
 from s3fsimg.units import parse_duration, parse_size
@@ -81,11 +81,8 @@ class Config:
             env_path = dotenv if dotenv is not None else Path.cwd() / ".env"
             if env_path.is_file():
                 # Does not override the environment; also feeds boto3 (AWS_* in .env).
-                try:
-                    load_dotenv(env_path, override=False, encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                    raise ConfigError(f"{env_path}: cannot read it ({reason})") from None
+                for var, text in read_env_file(env_path, str(env_path)).items():
+                    os.environ.setdefault(var, text)
             env = os.environ
         # An empty value (`VAR=` in .env, `--flag ''`) means "not set": the default applies (the field's,
         # parsed again like a given value, which it passes).
@@ -169,6 +166,17 @@ class Config:
     def where(self, relative: str = "") -> str:
         """`s3://bucket/key` for messages (never contains credentials)."""
         return f"s3://{self.bucket or '?'}/{self.key(relative) if relative else self.prefix}"
+
+
+def read_env_file(path: Path, where: str) -> dict[str, str]:
+    """The KEY=VALUE lines of an env file (the `.env` syntax: comments, `export`, quotes); a ConfigError
+    naming `where` when it cannot be read."""
+    try:
+        values = dotenv_values(path, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{where}: cannot read it ({reason})") from None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def private_dirs(path: Path) -> Path:

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from s3fsimg.config import VARIABLES
+from s3fsimg.config import VARIABLES, read_env_file
 from s3fsimg.errors import ConfigError, UsageError, quoted
 
 #: Options that mean nothing to this mount (see the module docstring).
@@ -80,20 +80,6 @@ def is_helper_call(args: list[str], commands: Iterable[str]) -> bool:
 
 def _absolute(value: str, cwd: str) -> str:
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(cwd, value))
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The KEY=VALUE lines of an env file (the `.env` syntax: comments, `export`, quotes)."""
-    from dotenv import dotenv_values
-
-    if not path.is_file():
-        raise ConfigError(f"-o env_file={path}: no such file")
-    try:
-        values = dotenv_values(path, encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"-o env_file={path}: cannot read it ({reason})") from None
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def translate(args: list[str], *, cwd: str | None = None) -> HelperCall:
@@ -164,7 +150,9 @@ def translate(args: list[str], *, cwd: str | None = None) -> HelperCall:
                               "generic ones, which are ignored)")
     env: dict[str, str] = {}
     if env_file is not None:
-        env.update(read_env_file(env_file))
+        if not env_file.is_file():
+            raise ConfigError(f"-o env_file={env_file}: no such file")
+        env.update(read_env_file(env_file, f"-o env_file={env_file}"))
         for var in _PATH_VARIABLES:
             if env.get(var):
                 env[var] = _absolute(env[var], str(env_file.parent))

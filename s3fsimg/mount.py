@@ -121,6 +121,14 @@ def set_background_limit(mountpoint: Path) -> bool:
     return True
 
 
+def tune_after_init(mountpoint: Path) -> None:
+    """The kernel-side settings of a mount, once its INIT is answered (INIT's reply caps the readahead
+    at what the kernel offered in INIT, the default 128 KiB): readahead and background limit, each best
+    effort. Blocks (sysfs writes, perhaps mounting fusectl): not from the trio loop."""
+    set_readahead(mountpoint)
+    set_background_limit(mountpoint)
+
+
 def mount_options(*, allow_other: bool) -> set[str]:
     """The FUSE options of a mount."""
     options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions"}
@@ -371,12 +379,10 @@ async def _main(ready: _Ready, mp: Path) -> None:
         session.install()
         nursery.start_soon(fuse)
         # A stat of the root from a thread returns once the kernel's INIT is answered (the loop above
-        # serves both). Only then may the readahead be raised: INIT's reply caps it at what the kernel
-        # offered in INIT (the default 128 KiB).
+        # serves both); only then may the mount be tuned.
         with contextlib.suppress(OSError):
             await trio.to_thread.run_sync(os.stat, mp)
-        set_readahead(mp)
-        await trio.to_thread.run_sync(set_background_limit, mp)
+        await trio.to_thread.run_sync(tune_after_init, mp)
         ready.report("ready")
 
 
@@ -418,8 +424,7 @@ def _serve_with_workers(config: Config, mp: Path, ops: Any, index_path: Path, co
 
     def after_init() -> None:
         nonlocal conn
-        set_readahead(mp)
-        set_background_limit(mp)  # mounts fusectl when it may: the abort of a dead worker needs it
+        tune_after_init(mp)  # mounts fusectl when it may: the abort of a dead worker needs it
         with contextlib.suppress(OSError):
             conn = connection_dir(mp)
 

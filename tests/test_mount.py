@@ -337,6 +337,26 @@ def test_daemon_mount_stats_and_umount(dataset: Dataset, mnt_dir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.skipif(os.getuid() != 0, reason="the kernel-side settings need root")
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_the_mount_is_tuned_once_init_is_answered(dataset: Dataset, mnt_dir: Path, workers: int) -> None:
+    """The readahead and background limit that the mount sets after INIT (`mount.tune_after_init`) are the
+    kernel's once it is ready: a user reads in 1 MiB requests, not 128 KiB ones."""
+    from s3fsimg.mount import MAX_BACKGROUND, READ_AHEAD_KB, connection_dir
+
+    m = MountProcess(mnt_dir, env=dataset.env, workers=workers).start()
+    try:
+        dev = os.stat(mnt_dir).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert int(bdi.read_text()) == READ_AHEAD_KB
+        conn = connection_dir(mnt_dir)
+        if conn.is_dir():
+            assert int((conn / "max_background").read_text()) == MAX_BACKGROUND
+    finally:
+        m.stop()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("workers", [1, None], ids=["one-process", "default-workers"])
 def test_sigterm_unmounts_cleanly(dataset: Dataset, mnt_dir: Path, workers: int | None) -> None:
     m = MountProcess(mnt_dir, env=dataset.env, workers=workers).start()
