@@ -114,6 +114,7 @@ class _ObjectState:
     memory: bytes | None = None  # the verified object, when the cache could not store it
     next_offset: int = -1  # where a sequential read would start
     window: int = 0  # read-ahead window in blocks
+    ahead_until: int = 0  # read-ahead has asked for every block below this one (`_fetch_ahead`)
     blockmap: BlockMap | None = None
     blockmap_known: bool = False  # True once `blockmap` is decided (None then means: no map)
     blockmap_future: Future[BlockMap | None] | None = None
@@ -537,10 +538,16 @@ class ObjectReader:
         return None
 
     def _fetch_ahead(self, entry: Entry, st: _ObjectState, first: int, last: int) -> None:
-        """Start fetching blocks first..last that are neither cached nor in flight; do not wait."""
+        """Start fetching blocks first..last that are neither cached nor in flight; do not wait. Blocks
+        an earlier read-ahead asked for are not looked at again (one stat per new block, not one per block
+        of the window on every read): one that is missing after all (its GET failed, it was evicted) is
+        fetched by the read that needs it."""
         if self._closed:
             return
-        wanted = [i for i in range(first, last + 1)
+        with self._lock:
+            start = max(first, st.ahead_until)
+            st.ahead_until = max(st.ahead_until, last + 1)
+        wanted = [i for i in range(start, last + 1)
                   if (entry.sha256, i) not in self._inflight and not self.cache.has_block(
                       entry.sha256, self.block_size, i)]
         if not wanted:
