@@ -20,6 +20,7 @@ importing it adds to every command's and DataLoader worker's start-up (measured 
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ import re
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
@@ -138,47 +140,68 @@ class _DirectGet:
     event hooks, response parsing): ~0.5 of the ~1.1 ms of CPU a `get_object` call costs here
     (docs/misses.md). What it may send is learned from one GetObject the client made (`learn`): the URL
     the endpoint rules chose for a key (so the prefix for every other key), how the client signed it
-    (SigV4: region and service from its Authorization header; or not at all in anonymous mode) and its
-    User-Agent. A request the client would have sent differently is never made: anything else learns
-    nothing and the client keeps making every GET.
+    (plain SigV4 for service s3, signing only what a GET signs: region from its Authorization header; or
+    not at all in anonymous mode) and its User-Agent. A request the client would have sent differently
+    is never made: anything else (S3 Express session auth, SigV4A, SSE-C, botocore's adaptive retry
+    mode) learns nothing and the client keeps making every GET.
 
     Errors come back as the client's would: a ClientError with the code and message S3 sent (so
     `translate` and `is_retryable` see no difference), botocore's connection errors from the session,
     and a broken body as botocore's ResponseStreamingError. A redirect, a 400 or a 403 (a bucket in
     another region, an expired token, a signature the server will not take) may not be the object's
     error: `get` returns None and forgets what it learned, and the client makes that GET, learning again
-    when it succeeds."""
+    when it succeeds (at most `_RELEARN` times)."""
 
-    _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=[^/,]+/\d{8}/([^/,]+)/([^/,]+)/aws4_request,")
+    _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=[^/,]+/\d{8}/([^/,]+)/s3/aws4_request, "
+                       r"SignedHeaders=([a-z0-9;-]+), ")
+    #: What a plain SigV4 GET signs. A client that signs more (S3 Express's session token, SSE-C, a
+    #: checksum mode, request-payer) sends what this path would not: nothing is learned from it.
+    _SIGNED = frozenset({"host", "range", "x-amz-content-sha256", "x-amz-date", "x-amz-security-token"})
+    #: Times the direct path may be refused (3xx, 400, 403) and learned again before it is given up.
+    _RELEARN = 3
 
     def __init__(self, client: Any, anonymous: bool) -> None:
         self.client = client
         self.anonymous = anonymous
         self.route: _Route | None = None
-        self._seen = threading.local()  # the request this thread's last GetObject sent (see `learn`)
-        client.meta.events.register("before-send.s3.GetObject", self._remember)
+        self.refused = 0
+        # botocore's adaptive retry mode throttles in its own handlers, which this path would skip.
+        self.enabled = (client.meta.config.retries or {}).get("mode") != "adaptive"
+        self._seen = threading.local()  # (url, Authorization, User-Agent) of this thread's last GetObject
+        me = weakref.ref(self)  # the client holds the hook: no cycle keeping a dropped store's pool alive
 
-    def _remember(self, request: Any, **_: Any) -> None:
-        self._seen.request = request
+        def remember(request: Any, **_: Any) -> None:
+            direct = me()
+            if direct is not None:
+                direct._seen.sent = (request.url, _text(request.headers.get("Authorization")),
+                                     _text(request.headers.get("User-Agent")))
+
+        client.meta.events.register("before-send.s3.GetObject", remember)
+
+    def forget_sent(self) -> None:
+        """Before the client's GetObject whose route `learn` may take: nothing older can be taken for it."""
+        self._seen.sent = None
 
     def learn(self, key: str) -> None:
         """After the client's GetObject of `key` succeeded in this thread: take the route it used."""
-        request = getattr(self._seen, "request", None)
-        self._seen.request = None
-        quoted = urllib.parse.quote(key, safe="/~")
-        if request is None or self._session() is None or "?" in request.url or not request.url.endswith("/" + quoted):
+        sent = getattr(self._seen, "sent", None)
+        self._seen.sent = None
+        if sent is None or not self.enabled or self.route is not None or self._session() is None:
             return
-        auth = _text(request.headers.get("Authorization"))
-        signing: tuple[str, str] | None = None
+        url, auth, agent = sent
+        quoted = urllib.parse.quote(key, safe="/~")
+        if "?" in url or not url.endswith("/" + quoted):
+            return
+        signing: str | None = None
         if auth is None:
             if not self.anonymous:
                 return
         else:
             match = self._AUTH.match(auth)
-            if match is None or self._credentials() is None:
+            if match is None or not set(match.group(2).split(";")) <= self._SIGNED or self._credentials() is None:
                 return
-            signing = (match.group(1), match.group(2))
-        self.route = _Route(request.url[:-len(quoted)], signing, _text(request.headers.get("User-Agent")))
+            signing = match.group(1)
+        self.route = _Route(url[:-len(quoted)], signing, agent)
 
     def _credentials(self) -> Any:
         return getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
@@ -196,9 +219,8 @@ class _DirectGet:
         if route.agent:
             headers["User-Agent"] = route.agent
         request = AWSRequest(method="GET", url=route.base + urllib.parse.quote(key, safe="/~"), headers=headers)
-        if route.signing is not None:
-            region, service = route.signing
-            S3SigV4Auth(self._credentials().get_frozen_credentials(), service, region).add_auth(request)
+        if route.region is not None:
+            S3SigV4Auth(self._credentials().get_frozen_credentials(), "s3", route.region).add_auth(request)
         prepared = request.prepare()
         prepared.stream_output = True  # the body is read below, in one piece
         response = self._session().send(prepared)
@@ -213,14 +235,18 @@ class _DirectGet:
         finally:
             raw.release_conn()
         status = response.status_code
-        if status in (200, 206):
+        if 200 <= status < 300:  # (the caller checks the length, as the client's answer's)
             return response.headers, body
         if 300 <= status < 400 or status in (400, 403):
             # A redirect or 400: another region, an expired token. A 403: maybe a signature only this
-            # path gets wrong. The client answers these (and learns again when it succeeds).
+            # path gets wrong. The client answers these, and the path is learned again when the client
+            # succeeds, a few times: a server that keeps refusing it gets every GET from the client.
             self.route = None
+            self.refused += 1
+            self.enabled = self.enabled and self.refused < self._RELEARN
             return None
-        error: Any = {"Error": {"Code": _xml_tag(body, "Code") or str(status), "Message": _xml_tag(body, "Message")},
+        message = _xml_tag(body, "Message") or str(getattr(raw, "reason", "") or "")  # (as the client's)
+        error: Any = {"Error": {"Code": _xml_tag(body, "Code") or str(status), "Message": message},
                       "ResponseMetadata": {"HTTPStatusCode": status}}
         raise bexc.ClientError(error, "GetObject")
 
@@ -228,9 +254,9 @@ class _DirectGet:
 @dataclass(frozen=True)
 class _Route:
     """How `_DirectGet` sends a GET: the URL of a key is `base` + the key, quoted as botocore quotes it;
-    `signing` is SigV4's (region, service), None when unsigned; `agent` the client's User-Agent."""
+    `region` is SigV4's (service s3), None when unsigned; `agent` the client's User-Agent."""
     base: str
-    signing: tuple[str, str] | None
+    region: str | None
     agent: str | None
 
 
@@ -241,7 +267,7 @@ def _text(value: str | bytes | None) -> str | None:
 def _xml_tag(body: bytes, name: str) -> str:
     """The text of the first <name> element of an S3 error body ("" when there is none)."""
     match = re.search(rf"<{name}>([^<]*)</{name}>".encode(), body[:4096])
-    return match.group(1).decode("utf-8", "replace") if match else ""
+    return html.unescape(match.group(1).decode("utf-8", "replace")) if match else ""
 
 
 _shared_loader: Any = None  # botocore's model loader, shared by every session of this process
@@ -433,6 +459,7 @@ class S3Store:
             headers, data = direct
             etag, content_range = headers.get("ETag"), str(headers.get("Content-Range") or "")
         else:
+            self._direct.forget_sent()
             resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
             data = resp["Body"].read()
             self._direct.learn(key)
