@@ -348,9 +348,16 @@ def test_the_mount_is_tuned_once_init_is_answered(dataset: Dataset, mnt_dir: Pat
     try:
         dev = os.stat(mnt_dir).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        # MountProcess returns once the mount answers; the tuning follows within moments (a daemon
+        # mount's `s3fsimg mount` returns only after it).
+        deadline = time.monotonic() + 10
+        while int(bdi.read_text()) != READ_AHEAD_KB and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert int(bdi.read_text()) == READ_AHEAD_KB
         conn = connection_dir(mnt_dir)
         if conn.is_dir():
+            while int((conn / "max_background").read_text()) != MAX_BACKGROUND and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert int((conn / "max_background").read_text()) == MAX_BACKGROUND
     finally:
         m.stop()
