@@ -210,7 +210,7 @@ class _DirectGet:
         return getattr(getattr(self.client, "_endpoint", None), "http_session", None)
 
     def get(self, key: str, start: int, end: int) -> tuple[Any, bytes] | None:
-        """(headers, body) of a 200/206 answer to GET bytes [start, end) of `key`; a ClientError for an
+        """(headers, body) of a 2xx answer to GET bytes [start, end) of `key`; a ClientError for an
         error S3 answered; None when the client must make this GET (see the class docstring)."""
         route = self.route
         if route is None:
