@@ -200,14 +200,19 @@ class ObjectReader:
     def _acquire(self, entry: Entry, st: _ObjectState) -> _Descriptor | None:
         """The complete object's descriptor, marked in use (give it back with `_release`), or None. A kept
         descriptor whose file was written to since it was verified (its mtime is no longer the cache's
-        stamp) is retired, and the cache checks the file again (`DiskCache.open_object`)."""
+        stamp) is retired, and the cache checks the file again (`DiskCache.open_object`). The stamp's
+        fstat is made outside the lock: a syscall under it queues the other readers' threads behind it."""
         with self._lock:
             desc = st.descriptor
             if desc is not None:
-                if unchanged_since_verified(desc.fd):
-                    desc.users += 1
-                    return desc
-                self._retire(st)
+                desc.users += 1
+        if desc is not None:
+            if unchanged_since_verified(desc.fd):
+                return desc
+            with self._lock:
+                if st.descriptor is desc:
+                    self._retire(st)
+            self._release(desc)
         fd = self.cache.open_object(entry.sha256, entry.ext)
         if fd is None:
             return None
@@ -331,9 +336,12 @@ class ObjectReader:
         if self._generation_changed(entry, opened_at):
             return None
         with self._lock:
-            if st.descriptor is not desc or not unchanged_since_verified(desc.fd):
+            if st.descriptor is not desc:
                 return None
             desc.users += 1
+        if not unchanged_since_verified(desc.fd):  # (outside the lock: see `_acquire`)
+            self._release(desc)
+            return None
         buf = memoryview(into)[:size] if into is not None and len(into) >= size else bytearray(size)
         try:
             n = os.preadv(desc.fd, [buf], offset, os.RWF_NOWAIT)
