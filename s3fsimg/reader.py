@@ -549,12 +549,14 @@ class ObjectReader:
         """Start fetching blocks first..last that are neither cached nor in flight; do not wait. Blocks
         an earlier read-ahead asked for are not looked at again (one stat per new block, not one per block
         of the window on every read): one that is missing after all (its GET failed, it was evicted) is
-        fetched by the read that needs it."""
+        fetched by the read that needs it (a failed run lowers the mark: the next read-ahead asks again)."""
         if self._closed:
             return
         with self._lock:
-            start = max(first, st.ahead_until)
-            st.ahead_until = max(st.ahead_until, last + 1)
+            # The mark counts only while this stream is the one that set it (a read behind it, after a
+            # seek back, or far ahead of it, gets its read-ahead as if there were none).
+            start = st.ahead_until if first <= st.ahead_until <= last + 1 else first
+            st.ahead_until = last + 1
         wanted = [i for i in range(start, last + 1)
                   if (entry.sha256, i) not in self._inflight and not self.cache.has_block(
                       entry.sha256, self.block_size, i)]
@@ -664,6 +666,8 @@ class ObjectReader:
                     self._integrity_failure(entry, f"block {i} does not match its block map")
                 blocks[i] = block
         except BaseException as exc:
+            with self._lock:
+                st.ahead_until = min(st.ahead_until, first)
             self._fail_futures(entry, futures, exc)
             return
         final = last == nblocks - 1

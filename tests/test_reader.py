@@ -281,6 +281,21 @@ def test_a_sequential_read_looks_for_each_block_ahead_once(tmp_path: Path, monke
     assert sum(e - s for _, s, e in store.calls if _ == entry.path) == len(payload)  # each byte fetched once
 
 
+def test_a_sequential_read_behind_an_earlier_one_still_reads_ahead(tmp_path: Path) -> None:
+    """The read-ahead mark belongs to the stream that set it: reading 16-20 MiB and then 0-12 MiB of an
+    object (a seek back) reads ahead in the second pass too (found in review: it made no read-ahead)."""
+    payload = hashlib.sha256(b"back").digest() * (1 << 20)  # 32 MiB, 512 blocks of 64 KiB
+    entry = make_entry(payload)
+    reader, _ = make_reader(tmp_path / "c", {entry.path: payload}, block_size=1 << 16)
+    with reader:
+        for off in range(16 << 20, 20 << 20, 1 << 20):
+            assert reader.read(entry, off, 1 << 20) == payload[off:off + (1 << 20)]
+        before = reader.stats()["readahead_requests"]
+        for off in range(0, 12 << 20, 1 << 20):
+            assert reader.read(entry, off, 1 << 20) == payload[off:off + (1 << 20)]
+        assert reader.stats()["readahead_requests"] > before
+
+
 def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
     payload = bytes(range(256)) * 1024  # 256 KiB
     entry = make_entry(payload)
