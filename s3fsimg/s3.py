@@ -27,7 +27,6 @@ import random
 import re
 import threading
 import time
-import urllib.parse
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from botocore import UNSIGNED
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
+from botocore.utils import percent_encode
 
 from s3fsimg.config import Config
 from s3fsimg.errors import BackendError, ConfigError, IntegrityError, NotFound, S3fsimgError
@@ -161,12 +161,13 @@ class _DirectGet:
     _RELEARN = 3
 
     def __init__(self, client: Any, anonymous: bool) -> None:
-        self.client = client
         self.anonymous = anonymous
         self.route: _Route | None = None
-        self.refused = 0
         # botocore's adaptive retry mode throttles in its own handlers, which this path would skip.
-        self.enabled = (client.meta.config.retries or {}).get("mode") != "adaptive"
+        self.refusals_left = 0 if (client.meta.config.retries or {}).get("mode") == "adaptive" else self._RELEARN
+        # The client's own HTTP session and credentials (private attributes: without them, no direct path).
+        self.session: Any = getattr(getattr(client, "_endpoint", None), "http_session", None)
+        self.credentials: Any = getattr(getattr(client, "_request_signer", None), "_credentials", None)
         self._seen = threading.local()  # (url, Authorization, User-Agent) of this thread's last GetObject
         me = weakref.ref(self)  # the client holds the hook: no cycle keeping a dropped store's pool alive
 
@@ -178,6 +179,10 @@ class _DirectGet:
 
         client.meta.events.register("before-send.s3.GetObject", remember)
 
+    @property
+    def enabled(self) -> bool:
+        return self.refusals_left > 0
+
     def forget_sent(self) -> None:
         """Before the client's GetObject whose route `learn` may take: nothing older can be taken for it."""
         self._seen.sent = None
@@ -186,10 +191,10 @@ class _DirectGet:
         """After the client's GetObject of `key` succeeded in this thread: take the route it used."""
         sent = getattr(self._seen, "sent", None)
         self._seen.sent = None
-        if sent is None or not self.enabled or self.route is not None or self._session() is None:
+        if sent is None or not self.enabled or self.route is not None or self.session is None:
             return
         url, auth, agent = sent
-        quoted = urllib.parse.quote(key, safe="/~")
+        quoted = _quote(key)
         if "?" in url or not url.endswith("/" + quoted):
             return
         signing: str | None = None
@@ -198,16 +203,10 @@ class _DirectGet:
                 return
         else:
             match = self._AUTH.match(auth)
-            if match is None or not set(match.group(2).split(";")) <= self._SIGNED or self._credentials() is None:
+            if match is None or not set(match.group(2).split(";")) <= self._SIGNED or self.credentials is None:
                 return
             signing = match.group(1)
         self.route = _Route(url[:-len(quoted)], signing, agent)
-
-    def _credentials(self) -> Any:
-        return getattr(getattr(self.client, "_request_signer", None), "_credentials", None)
-
-    def _session(self) -> Any:
-        return getattr(getattr(self.client, "_endpoint", None), "http_session", None)
 
     def get(self, key: str, start: int, end: int) -> tuple[Any, bytes] | None:
         """(headers, body) of a 2xx answer to GET bytes [start, end) of `key`; a ClientError for an
@@ -218,12 +217,12 @@ class _DirectGet:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if route.agent:
             headers["User-Agent"] = route.agent
-        request = AWSRequest(method="GET", url=route.base + urllib.parse.quote(key, safe="/~"), headers=headers)
+        request = AWSRequest(method="GET", url=route.base + _quote(key), headers=headers)
         if route.region is not None:
-            S3SigV4Auth(self._credentials().get_frozen_credentials(), "s3", route.region).add_auth(request)
+            S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", route.region).add_auth(request)
         prepared = request.prepare()
         prepared.stream_output = True  # the body is read below, in one piece
-        response = self._session().send(prepared)
+        response = self.session.send(prepared)
         raw = response.raw
         try:
             try:
@@ -242,8 +241,7 @@ class _DirectGet:
             # path gets wrong. The client answers these, and the path is learned again when the client
             # succeeds, a few times: a server that keeps refusing it gets every GET from the client.
             self.route = None
-            self.refused += 1
-            self.enabled = self.enabled and self.refused < self._RELEARN
+            self.refusals_left -= 1
             return None
         message = _xml_tag(body, "Message") or str(getattr(raw, "reason", "") or "")  # (as the client's)
         error: Any = {"Error": {"Code": _xml_tag(body, "Code") or str(status), "Message": message},
@@ -258,6 +256,11 @@ class _Route:
     base: str
     region: str | None
     agent: str | None
+
+
+def _quote(key: str) -> str:
+    """A key as the client puts it in a URL (botocore's quoting of a greedy `{Key+}` label)."""
+    return percent_encode(key, safe="/~")
 
 
 def _text(value: str | bytes | None) -> str | None:

@@ -112,7 +112,7 @@ def test_a_direct_get_is_signed_exactly_as_the_client_signs_it(s3_env: dict[str,
     sent: list[Any] = []
     store.client.meta.events.register("before-send.s3.GetObject", lambda request, **_: sent.append(request))
     store.client.get_object(Bucket=bucket, Key=ODD_KEY, Range="bytes=0-4")["Body"].read()
-    session = store._direct._session()
+    session = store._direct.session
     direct_send = session.send
 
     def send(prepared: Any) -> Any:
