@@ -48,11 +48,17 @@ _TOUCH_DELAY = 1.0  # seconds after which touch() writes the pending uses
 #: Files used this recently are evicted only when nothing older is left (a path just handed out by
 #: `fetch` is usually opened at once). Above _TOUCH_INTERVAL + _TOUCH_DELAY, so a file in use stays in it.
 EVICT_GRACE = 10.0
-_WAL_SWITCH_TIMEOUT = 30.0  # seconds to retry switching a new ledger to WAL while others open it
+_OPEN_BUSY_TIMEOUT = 30.0  # seconds to retry opening the ledger while other processes open it too
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (Python 3.11 names the code; 3.10 only says it)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code & 0xFF) in (5, 6) if isinstance(code, int) else "locked" in str(exc) or "busy" in str(exc)
 _RESET_WAIT = 5.0  # seconds a reset waits for other processes that are opening the cache too
 
 #: The ledger's tables, applied in one transaction on every open (all IF NOT EXISTS). The journal mode
-#: is not part of it: it cannot change inside a transaction (see `_use_wal`).
+#: is not part of it: it cannot change inside a transaction (see `_open`).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files(
     name  TEXT PRIMARY KEY,      -- path relative to v1/ (objects/..., blocks/... or maps/...)
@@ -122,29 +128,29 @@ class Ledger:
         # create the database file 0600 ourselves first.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         os.chmod(self.path, 0o600)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        try:
-            self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._use_wal()
-            self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-            self._db.execute("SELECT bytes FROM totals").fetchone()
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _use_wal(self) -> None:
-        """Switch to WAL mode. The switch needs an exclusive lock and may answer SQLITE_BUSY at once
-        (without the busy handler) while another process opens the same ledger: so the mode is read
-        first (no lock), and a busy switch is retried for a while."""
-        deadline = time.monotonic() + _WAL_SWITCH_TIMEOUT
-        while self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        # Processes opening a new ledger together (a mount's workers on a fresh cache) can be answered
+        # "database is locked" at once, without the busy handler: by the switch to WAL mode, which needs
+        # an exclusive lock, and by the reads around another's switch (a multi-worker mount failed to
+        # start 1 run in 5 of the quick warm bench). The whole opening is retried while it is busy.
+        deadline = time.monotonic() + _OPEN_BUSY_TIMEOUT
+        while True:
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
+                self._db.execute("PRAGMA busy_timeout=30000")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+                self._db.execute("SELECT bytes FROM totals").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                self._db.close()
+                if not _is_busy(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+            except BaseException:
+                self._db.close()
+                raise
 
     def _usable(self) -> bool:
         """Open the ledger as `self._db` and keep it open; False (nothing open) when it is not a database."""
